@@ -1,0 +1,119 @@
+"""Process-group setup and the few collectives MoCo needs, usable with or without ``torchrun``.
+
+A single process (no ``WORLD_SIZE`` in the environment) runs with every collective reduced to the
+identity, so the same training code serves one CPU, one GPU, eight GPUs and many nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group described by torchrun's environment (env://), if there is one.
+
+    ``device``: "auto" picks CUDA when available; NCCL goes with CUDA, gloo with the CPU.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=dev if use_cuda else None,
+        )
+    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (rank order). No gradient flows back.
+
+    All ranks must pass tensors of the same shape.
+    """
+    if not is_dist():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In place: every rank ends with rank ``src``'s values."""
+    if is_dist():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+@torch.no_grad()
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a new tensor); the identity for one process."""
+    if not is_dist():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / get_world_size()
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a new tensor); the identity for one process."""
+    if not is_dist():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
