@@ -1,0 +1,130 @@
+"""Torchvision ResNet names -> Detectron2 ResNet names, and the check that a state dict is a whole ResNet.
+
+Detectron2 names the same tensors differently:
+
+    conv1.weight                    -> stem.conv1.weight
+    bn1.{weight,bias,running_*}     -> stem.conv1.norm.*
+    layer{i}.{j}.conv{k}.weight     -> res{i+1}.{j}.conv{k}.weight
+    layer{i}.{j}.bn{k}.*            -> res{i+1}.{j}.conv{k}.norm.*
+    layer{i}.{j}.downsample.0.*     -> res{i+1}.{j}.shortcut.*
+    layer{i}.{j}.downsample.1.*     -> res{i+1}.{j}.shortcut.norm.*
+    *.num_batches_tracked           -> dropped (Detectron2 does not use it)
+
+The rules only touch names, so they hold for BasicBlock (ResNet-18/34) and Bottleneck (50/101/152) alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torchvision
+
+from pretrain.errors import UserError
+
+_STEM = re.compile(r"^(conv1|bn1)\.(\w+)$")
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What Detectron2's ResNet config needs to rebuild a torchvision architecture."""
+
+    depth: int
+    num_groups: int = 1
+    width_per_group: int = 64
+
+    @property
+    def basic_block(self) -> bool:
+        return self.depth in (18, 34)
+
+    @property
+    def res2_out_channels(self) -> int:
+        # BasicBlock stages keep 64 channels in res2; Bottleneck stages expand them 4x.
+        return 64 if self.basic_block else 256
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec(18),
+    "resnet34": ArchSpec(34),
+    "resnet50": ArchSpec(50),
+    "resnet101": ArchSpec(101),
+    "resnet152": ArchSpec(152),
+    "resnext50_32x4d": ArchSpec(50, num_groups=32, width_per_group=4),
+    "resnext101_32x8d": ArchSpec(101, num_groups=32, width_per_group=8),
+    "wide_resnet50_2": ArchSpec(50, width_per_group=128),
+    "wide_resnet101_2": ArchSpec(101, width_per_group=128),
+}
+
+
+def torchvision_to_detectron2_key(name: str) -> str | None:
+    """Detectron2 name of one torchvision ResNet tensor; None for ``num_batches_tracked`` (dropped)."""
+    if name.endswith("num_batches_tracked"):
+        return None
+    m = _STEM.match(name)
+    if m:
+        layer, leaf = m.groups()
+        return f"stem.conv1.{leaf}" if layer == "conv1" else f"stem.conv1.norm.{leaf}"
+    m = _BLOCK.match(name)
+    if m:
+        stage, block, layer, leaf = m.groups()
+        prefix = f"res{int(stage) + 1}.{block}"
+        if layer == "downsample.0":
+            return f"{prefix}.shortcut.{leaf}"
+        if layer == "downsample.1":
+            return f"{prefix}.shortcut.norm.{leaf}"
+        if layer.startswith("bn"):
+            return f"{prefix}.conv{layer[2:]}.norm.{leaf}"
+        return f"{prefix}.{layer}.{leaf}"
+    raise ValueError(f"{name!r} is not a torchvision ResNet backbone tensor name")
+
+
+def detectron2_model_key(d2_key: str) -> str:
+    """Where a converted key must end up in Detectron2's C4 model: res5 is the ROI head's, the rest the backbone's."""
+    return f"roi_heads.{d2_key}" if d2_key.startswith("res5.") else f"backbone.{d2_key}"
+
+
+def reference_shapes(arch: str) -> dict[str, torch.Size]:
+    """Tensor shapes of torchvision's ``arch`` without its classifier (built on the meta device: no memory)."""
+    if arch not in ARCHS:
+        raise UserError(f"unsupported architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)()
+    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def check_resnet_state(state_dict: dict[str, torch.Tensor], arch: str, where: str) -> None:
+    """Raise UserError unless ``state_dict`` holds every backbone tensor of torchvision's ``arch``, shaped right.
+
+    ``num_batches_tracked`` may be absent (some exporters drop it); anything else missing, extra or
+    misshapen means the checkpoint is not the ResNet the user asked for.
+    """
+    expected = reference_shapes(arch)
+    required = {k for k in expected if not k.endswith("num_batches_tracked")}
+    missing = sorted(required - state_dict.keys())
+    extra = sorted(state_dict.keys() - expected.keys())
+    wrong = sorted(k for k in required & state_dict.keys() if state_dict[k].shape != expected[k])
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+        if extra:
+            details.append(f"{len(extra)} unexpected (e.g. {extra[0]!r})")
+        if wrong:
+            k = wrong[0]
+            details.append(
+                f"{len(wrong)} with the wrong shape (e.g. {k!r}: {tuple(state_dict[k].shape)}, "
+                f"expected {tuple(expected[k])})"
+            )
+        raise UserError(f"{where}: backbone weights are not a torchvision {arch}: {'; '.join(details)}")
+
+
+def to_detectron2_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a torchvision ResNet backbone state dict to Detectron2 names; tensors are the same objects."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        d2_name = torchvision_to_detectron2_key(name)
+        if d2_name is not None:
+            out[d2_name] = tensor
+    return out
