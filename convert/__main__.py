@@ -40,8 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # Detectron2's import-time torch.jit.script deprecation notice says nothing about the user's files.
+    # Library notices that say nothing about the user's files (Detectron2's torch.jit.script deprecation,
+    # torch noting a plain pickle's protocol) would bury the one-line result or error.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
     out = args.out or default_output(args.ckpt, args.to)
     try:
         if args.to == "detectron2":

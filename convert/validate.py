@@ -199,7 +199,7 @@ def validate_detectron2(
             result.problems.append(f"{model_key} differs from the source tensor {d2_key} after loading")
         else:
             result.matched += 1
-    for key in pairs.keys() - expected.keys():
+    for key in sorted(checkpointer.seen[0].keys() - expected.keys()):
         result.problems.append(f"the file holds {key}, which is not a converted backbone tensor")
 
     loaded = set(pairs.values())
