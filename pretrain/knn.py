@@ -10,15 +10,36 @@ peak memory is query_chunk x (bank_chunk + k) regardless of the bank size (1.28M
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Iterator, Sized
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision
+from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pretrain.distributed import all_gather_cat, all_reduce_sum, get_rank, get_world_size, is_main_process
-from pretrain.metrics import progress
+from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from pretrain.backbone import load_resnet_state
+from pretrain.config import default_argument_parser, load_config
+from pretrain.data import SafeImageFolder
+from pretrain.distributed import (
+    all_gather_cat,
+    all_reduce_sum,
+    cleanup,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
+from pretrain.errors import UserError, exit_on_user_error
+from pretrain.metrics import progress, setup_logging
+
+logger = logging.getLogger("moco")
 
 __all__ = [
     "ResNetTrunk",
@@ -26,6 +47,7 @@ __all__ = [
     "extract_features",
     "gather_uneven",
     "knn_class_scores",
+    "knn_defaults",
     "knn_evaluate",
     "make_eval_loader",
     "topk_correct",
@@ -234,3 +256,121 @@ def knn_evaluate(
         "k": min(k, int(bank.shape[0])),
         "t": float(t),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline evaluation of a checkpoint: python -m pretrain.knn --config-file ... MODEL.WEIGHTS ckpt ...
+
+
+def knn_defaults() -> CfgNode:
+    """Offline kNN: ImageNet train/ as the bank, val/ as queries, Resize(256) + CenterCrop(224)."""
+    c = CfgNode()
+    c.OUTPUT_DIR = "output/knn"
+    c.MODEL = CfgNode()
+    c.MODEL.ARCH = ""  # "" = whatever the checkpoint holds; otherwise it must match
+    c.MODEL.WEIGHTS = ""  # checkpoint to evaluate (ours, official MoCo, lincls, torchvision)
+    c.DATA = CfgNode()
+    c.DATA.ROOT = "datasets/imagenet"
+    c.DATA.TRAIN_SPLIT = "train"  # memory bank
+    c.DATA.VAL_SPLIT = "val"  # queries
+    c.DATA.CROP_SIZE = 224
+    c.DATA.RESIZE = 256
+    c.DATA.MEAN = list(IMAGENET_MEAN)
+    c.DATA.STD = list(IMAGENET_STD)
+    c.DATA.BATCH_SIZE = 256  # per process
+    c.DATA.NUM_WORKERS = 8  # per process
+    c.DATA.PIN_MEMORY = True
+    c.DATA.MAX_BAD_FRACTION = 0.001
+    c.KNN = CfgNode()
+    c.KNN.K = 200
+    c.KNN.T = 0.07
+    c.KNN.QUERY_CHUNK = 1024  # queries per similarity tile
+    c.KNN.BANK_CHUNK = 65536  # bank entries per similarity tile
+    c.TRAIN = CfgNode()
+    c.TRAIN.DEVICE = "auto"
+    return c
+
+
+def load_backbone_for_knn(weights: str, arch: str = "") -> tuple[nn.Module, str, str]:
+    """A torchvision ResNet with fc=Identity holding ``weights``' encoder; returns (model, arch, source)."""
+    if not weights:
+        raise UserError("MODEL.WEIGHTS is empty: give the checkpoint to evaluate")
+    state = load_resnet_state(weights)
+    if state.arch is None:
+        raise UserError(
+            f"MODEL.WEIGHTS {weights!r} holds a non-standard ResNet; no torchvision constructor fits"
+        )
+    if arch and arch != state.arch:
+        raise UserError(f"MODEL.WEIGHTS {weights!r} holds a {state.arch} backbone but MODEL.ARCH is {arch!r}")
+    model = getattr(torchvision.models, state.arch)()
+    model.fc = nn.Identity()
+    missing, unexpected = model.load_state_dict(state.state_dict, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"MODEL.WEIGHTS {weights!r} does not fit a {state.arch}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    return model, state.arch, state.source
+
+
+def run(cfg: CfgNode, device: torch.device) -> dict:
+    """Evaluate ``cfg.MODEL.WEIGHTS`` and write OUTPUT_DIR/knn_results.json (main process)."""
+    if cfg.KNN.K < 1 or cfg.KNN.T <= 0:
+        raise UserError(f"KNN.K must be >= 1 and KNN.T > 0, got {cfg.KNN.K} and {cfg.KNN.T}")
+    if cfg.DATA.CROP_SIZE < 1 or cfg.DATA.RESIZE < cfg.DATA.CROP_SIZE:
+        raise UserError(
+            f"DATA.RESIZE ({cfg.DATA.RESIZE}) must be >= DATA.CROP_SIZE ({cfg.DATA.CROP_SIZE}) >= 1"
+        )
+    model, arch, source = load_backbone_for_knn(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH)
+    model.to(device)
+    tf = build_eval_transform(cfg.DATA.CROP_SIZE, cfg.DATA.RESIZE, cfg.DATA.MEAN, cfg.DATA.STD)
+    root = Path(cfg.DATA.ROOT)
+    bad = cfg.DATA.MAX_BAD_FRACTION
+    train = SafeImageFolder(root / cfg.DATA.TRAIN_SPLIT, tf, max_bad_fraction=bad)
+    val = SafeImageFolder(root / cfg.DATA.VAL_SPLIT, tf, max_bad_fraction=bad)
+    if val.classes != train.classes:
+        raise UserError(
+            f"DATA.ROOT {str(root)!r}: the class folders of {cfg.DATA.VAL_SPLIT}/ and {cfg.DATA.TRAIN_SPLIT}/ differ"
+        )
+    loaders = [
+        make_eval_loader(d, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.DATA.PIN_MEMORY)
+        for d in (train, val)
+    ]
+    logger.info("kNN (k=%d, T=%g) of %s [%s] on %s", cfg.KNN.K, cfg.KNN.T, cfg.MODEL.WEIGHTS, source, root)
+    res = knn_evaluate(
+        model,
+        *loaders,
+        len(train.classes),
+        cfg.KNN.K,
+        cfg.KNN.T,
+        device,
+        cfg.KNN.QUERY_CHUNK,
+        cfg.KNN.BANK_CHUNK,
+    )
+    res.update(checkpoint=cfg.MODEL.WEIGHTS, arch=arch, source=source, num_classes=len(train.classes))
+    if is_main_process():
+        out = Path(cfg.OUTPUT_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".knn_results.json.tmp"
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out / "knn_results.json")
+        logger.info("kNN top1 %.2f top5 %.2f -> %s", res["top1"], res["top5"], out / "knn_results.json")
+    return res
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = default_argument_parser("Weighted kNN evaluation of a checkpoint's frozen features").parse_args(
+        argv
+    )
+    cfg = load_config(knn_defaults(), args.config_file, args.opts)
+    info = init_distributed(cfg.TRAIN.DEVICE)
+    setup_logging(cfg.OUTPUT_DIR, info.rank)
+    try:
+        return run(cfg, info.device)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,9 @@ def test_chunked_equals_dense(query_chunk, bank_chunk, k):
     bank = F.normalize(torch.randn(301, 16, generator=g), dim=1)
     labels = torch.randint(0, 7, (301,), generator=g)
     queries = F.normalize(torch.randn(45, 16, generator=g), dim=1)
-    got = knn_class_scores(queries, bank, labels, 7, k=k, t=0.07, query_chunk=query_chunk, bank_chunk=bank_chunk)
+    got = knn_class_scores(
+        queries, bank, labels, 7, k=k, t=0.07, query_chunk=query_chunk, bank_chunk=bank_chunk
+    )
     want = dense_reference(queries, bank, labels, 7, k=min(k, 301), t=0.07)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
