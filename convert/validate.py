@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torchvision
@@ -66,6 +67,9 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
     """The detection config, with the ResNet shape taken from the checkpoint, on the CPU."""
+    repo_copy = Path(__file__).resolve().parents[1] / config_file
+    if not os.path.isfile(config_file) and not os.path.isabs(config_file) and repo_copy.is_file():
+        config_file = repo_copy  # the repo's own configs also work when run from another directory
     if not os.path.isfile(config_file):
         raise UserError(f"detection config {str(config_file)!r} does not exist (pass --config-file)")
     if arch not in ARCHS:

@@ -149,6 +149,11 @@ def test_cli_success_and_error(tmp_path, r18_state, capsys):
     assert "classification checkpoint (this project)" in out and "resnet18" in out and "OK" in out
     assert (tmp_path / "in_torchvision.pth").is_file()
 
+    main([str(src), str(tmp_path / "d2.pkl")])  # validated against configs/voc_c4.yaml as R18-C4
+    out = capsys.readouterr().out
+    assert "R18-C4" in out and "OK" in out and "unmatched" in out
+    assert (tmp_path / "d2.pkl").is_file()
+
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path / "missing.pth"), str(tmp_path / "out.pkl")])
     assert info.value.code == 2
