@@ -131,7 +131,12 @@ class _RecordingCheckpointer(DetectionCheckpointer):
         if len(self.seen) < 2:
             raise RuntimeError("this Detectron2 version did not apply matching heuristics to the file")
         file_keys = {id(t): k for k, t in self.seen[0].items()}
-        return {file_keys[id(t)]: mk for mk, t in self.seen[-1].items() if id(t) in file_keys}
+        model_keys = (
+            self.model.state_dict().keys()
+        )  # when nothing matches, Detectron2 passes the file through
+        return {
+            file_keys[id(t)]: mk for mk, t in self.seen[-1].items() if id(t) in file_keys and mk in model_keys
+        }
 
 
 @contextlib.contextmanager

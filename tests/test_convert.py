@@ -167,10 +167,10 @@ def test_r50_round_trip_every_format(fmt, r50, r50_target, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth", "out.pkl"]  # no temp file left
 
 
-def test_pickle_layout(r50, r50_target, tmp_path):
+def test_pickle_layout(r50, tmp_path):
     src = tmp_path / "in.pth"
     torch.save(wrap("moco_ours", r50, "resnet50"), src)
-    to_detectron2(src, tmp_path / "out.pkl", target=r50_target)
+    to_detectron2(src, tmp_path / "out.pkl", validate=False)  # loading is covered by the round trips
     with open(tmp_path / "out.pkl", "rb") as f:
         data = pickle.load(f)
     assert set(data) == {"model", "__author__", "matching_heuristics"}
