@@ -343,3 +343,42 @@ def test_fast_parameter_statistics_match_reference(monkeypatch):
     # the test has power: a 25% narrower brightness range would be caught
     narrow = [1 + 0.75 * (j[1] - 1) for j in fast["jitter"]]
     assert ks_statistic([j[1] for j in ref["jitter"]], narrow) > ks_critical(len(narrow), len(ref["jitter"]))
+
+
+def test_gpu_parameter_statistics_match_reference(monkeypatch):
+    """The device path draws its own per-sample parameters: compare them with the reference's draws."""
+    from pretrain.gpu_augment import GPUAugment
+
+    with monkeypatch.context() as m:
+        rec = Recorder(m)
+        run_views(TwoCropsTransform(mocov2_reference(16)), 1000, 3)
+        ref = rec.log
+    with monkeypatch.context() as m:
+        rec = Recorder(m)
+        run_views(FA.CropFlipTwoView(16), 1000, 4)
+        gpu_crops = rec.log["crop"]
+    n = 2000
+    p = GPUAugment("mocov2").sample_params(n, torch.Generator().manual_seed(5))
+    for a, b in zip(crop_stats(ref["crop"], 48, 64), crop_stats(gpu_crops, 48, 64)):
+        assert ks_statistic(a, b) < ks_critical(len(a), len(b))
+    jit = p["jitter"]
+    assert_rate(int(jit.sum()), n, 0.8)
+    assert_rate(int(p["gray"].sum()), n, 0.2)
+    assert_rate(int(p["blur"].sum()), n, 0.5)
+    for col, key in [(1, "brightness"), (2, "contrast"), (3, "saturation")]:
+        a, b = [j[col] for j in ref["jitter"]], p[key][jit].numpy()
+        assert ks_statistic(a, b) < ks_critical(len(a), len(b)), key
+    # hue: compare the shift actually applied, in 1/255 turns (torchvision truncates hue * 255)
+    a = [int(np.int32(j[4] * 255)) for j in ref["jitter"]]
+    b = torch.round(p["hue"][jit] * 255).numpy()
+    assert ks_statistic(a, b) < ks_critical(len(a), len(b))
+    assert ks_statistic(ref["blur"], p["sigma"][p["blur"]].numpy()) < ks_critical(
+        len(ref["blur"]), int(p["blur"].sum())
+    )
+    # op order: each of the 24 permutations equally likely, in both
+    for perms in ([tuple(j[0]) for j in ref["jitter"]], [tuple(o) for o in p["order"][jit].tolist()]):
+        counts = np.array([perms.count(q) for q in set(perms)])
+        assert len(counts) == 24
+        assert np.all(
+            np.abs(counts / len(perms) - 1 / 24) <= 4.5 * np.sqrt((1 / 24) * (23 / 24) / len(perms))
+        )
