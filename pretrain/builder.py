@@ -93,12 +93,11 @@ def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T:
     return torch.cat([l_pos, l_neg], dim=1) / T
 
 
-def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Percentage of rows whose target is among the top-k logits, for each k."""
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Percentage of rows whose target is among the top-k logits, one entry per k (no host sync)."""
     maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(target.unsqueeze(1))
-    return [hit[:, : min(k, maxk)].any(dim=1).float().mean().item() * 100.0 for k in ks]
+    hit = logits.topk(maxk, dim=1).indices.eq(target.unsqueeze(1))
+    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).float().mean() * 100.0 for k in ks])
 
 
 class MoCo(nn.Module):

@@ -1,0 +1,250 @@
+"""pretrain/train.py end to end on the CPU: exact resume after a kill, checkpoint formats, errors."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pretrain_utils import make_image_folder
+
+from pretrain.checkpoint import load_checkpoint
+from pretrain.config import load_config, pretrain_defaults
+from pretrain.distributed import init_distributed
+from pretrain.train import (
+    NonFiniteLossError,
+    build_model,
+    build_optimizer,
+    learning_rate,
+    load_training_state,
+    main,
+    train,
+    train_step,
+)
+
+TINY = [
+    "MODEL.ARCH", "resnet18", "MODEL.DIM", "16", "MODEL.K", "16", "MODEL.BN_SPLITS", "2",
+    "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "2", "AUG.SIZE", "32", "DATA.NUM_WORKERS", "0",
+    "LOG.TENSORBOARD", "False", "LOG.PERIOD", "1", "CHECKPOINT.KEEP_LAST", "2",
+]  # fmt: skip
+
+
+def tiny_cfg(data: Path, out: Path, *opts: str):
+    return load_config(
+        pretrain_defaults(), None, [*TINY, "DATA.ROOT", str(data), "OUTPUT_DIR", str(out), *opts]
+    )
+
+
+def run(data: Path, out: Path, *opts: str) -> dict:
+    return train(tiny_cfg(data, out, *opts), init_distributed("cpu"))
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"] and a["iteration"] == b["iteration"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for i, s in opt_a["state"].items():
+        assert torch.equal(s["momentum_buffer"], opt_b["state"][i]["momentum_buffer"])
+
+
+@pytest.fixture
+def moco_log(caplog):
+    """Capture the "moco" logger even after setup_logging() turned its propagation off."""
+    log = logging.getLogger("moco")
+    old_level = log.level
+    log.addHandler(caplog.handler)
+    log.setLevel(logging.INFO)
+    yield caplog
+    log.removeHandler(caplog.handler)
+    log.setLevel(old_level)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet")
+    make_image_folder(root / "train", classes=2, per_class=6, size=40)  # 12 images: 3 steps/epoch
+    (root / "train" / "class_1" / "img_5.png").write_bytes(b"corrupt")  # skipped with a warning
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run(data, out, "DATA.MAX_BAD_FRACTION", "0.1")
+    assert result["iteration"] == 6 and not result["stopped"] and math.isfinite(result["loss"])
+    return out
+
+
+def test_kill_mid_epoch_then_resume_is_bit_identical(data, uninterrupted, tmp_path, moco_log):
+    opts = ["DATA.MAX_BAD_FRACTION", "0.1", "CHECKPOINT.PERIOD_ITERS", "4"]
+    # "kill" after iteration 5: the newest checkpoint is the mid-epoch one of iteration 4 (epoch 1, step 1)
+    killed = run(data, tmp_path, *opts, "TRAIN.MAX_ITERS", "5")
+    assert killed["stopped"] and killed["iteration"] == 5
+    names = sorted(p.name for p in tmp_path.glob("checkpoint_*.pth"))
+    assert names == ["checkpoint_0001.pth", "checkpoint_0001_iter0000004.pth"]  # KEEP_LAST 2
+    assert "img_5.png" in moco_log.text  # the corrupt file was named
+    resumed = run(data, tmp_path, *opts, "RESUME", "auto")
+    assert resumed["iteration"] == 6 and "iteration 4" in moco_log.text
+    a = load_checkpoint(uninterrupted / "model_final.pth")
+    b = load_checkpoint(tmp_path / "model_final.pth")
+    assert_same_training_state(a, b)  # weights, queue, queue_ptr, BN stats, SGD momentum
+    assert a["state_dict"]["module.queue_ptr"].item() == 6 * 4 % 16
+
+
+def test_checkpoint_format(uninterrupted):
+    ckpt = torch.load(uninterrupted / "checkpoint_0002.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18" and ckpt["kind"] == "moco"
+    assert ckpt["iteration"] == 6 and ckpt["epoch_step"] == 0 and "MODEL:" in ckpt["config"]
+    sd = ckpt["state_dict"]
+    assert sd["module.queue"].shape == (16, 16) and sd["module.queue_ptr"].shape == (1,)
+    assert {
+        "module.encoder_q.conv1.weight",
+        "module.encoder_q.fc.0.weight",
+        "module.encoder_q.fc.2.bias",
+    } <= set(sd)
+    assert {"module.encoder_k.layer4.1.bn2.running_mean", "module.encoder_k.fc.2.weight"} <= set(sd)
+    torch.testing.assert_close(sd["module.queue"].norm(dim=0), torch.ones(16))
+    lines = (uninterrupted / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"train/acc5"' in lines[0] and '"train/data_time_frac"' in lines[0]
+
+
+def test_official_checkpoint_resumes(data, tmp_path):
+    """A checkpoint written like the official main_moco.py (plain dict, module. prefix, no extras)."""
+    cfg = tiny_cfg(data, tmp_path, "SOLVER.EPOCHS", "2")
+    torch.manual_seed(1)
+    moco = build_model(cfg, 1)
+    optimizer = build_optimizer(cfg, moco, torch.device("cpu"))
+    im = torch.randn(4, 3, 32, 32)
+    train_step(moco, optimizer, im, im.flip(-1), torch.Generator().manual_seed(0))
+    official = {
+        "epoch": 1,
+        "arch": "resnet18",
+        "state_dict": {f"module.{k}": v.clone() for k, v in moco.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    path = tmp_path / "checkpoint_0000.pth.tar"
+    torch.save(official, path)
+    fresh = build_model(cfg, 1)
+    fresh_opt = build_optimizer(cfg, fresh, torch.device("cpu"))
+    assert load_training_state(path, cfg, fresh, fresh_opt, None, steps_per_epoch=3) == (1, 0, 3)
+    for k, v in moco.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["momentum_buffer"],
+        optimizer.state_dict()["state"][0]["momentum_buffer"],
+    )
+    result = run(data, tmp_path / "out", "RESUME", str(path), "DATA.MAX_BAD_FRACTION", "0.1")
+    assert result["epoch"] == 2 and result["iteration"] == 6  # continued with epoch 1 only
+    with pytest.raises(Exception, match="MODEL.ARCH is resnet34"):
+        load_training_state(
+            path, tiny_cfg(data, tmp_path, "MODEL.ARCH", "resnet34"), fresh, fresh_opt, None, 3
+        )
+    with pytest.raises(Exception, match=r"module.queue|queue has shape"):
+        wrong_k = tiny_cfg(data, tmp_path, "MODEL.K", "32")
+        load_training_state(path, wrong_k, build_model(wrong_k, 1), fresh_opt, None, 3)
+
+
+def test_non_finite_loss_stops_before_the_update(data, tmp_path, capsys):
+    cfg = tiny_cfg(data, tmp_path)
+    moco = build_model(cfg, 1)
+    optimizer = build_optimizer(cfg, moco, torch.device("cpu"))
+    with torch.no_grad():
+        moco.encoder_q.fc[2].weight.fill_(float("nan"))
+    before = {k: v.detach().clone() for k, v in moco.encoder_q.named_parameters()}
+    im = torch.randn(4, 3, 32, 32)
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        train_step(moco, optimizer, im, im, torch.Generator().manual_seed(0))
+    after = dict(moco.encoder_q.named_parameters())  # no optimizer step happened
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True)
+    # through the CLI: the message names the iteration; the checkpoint we resumed from stays loadable
+    state = {
+        "epoch": 1, "arch": "resnet18", "kind": "moco", "iteration": 3, "epoch_step": 0,
+        "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()},
+    }  # fmt: skip
+    torch.save(state, tmp_path / "checkpoint_0001.pth")
+    argv = [
+        *TINY,
+        "DATA.ROOT",
+        str(data),
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "RESUME",
+        "auto",
+        "DATA.MAX_BAD_FRACTION",
+        "0.1",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: loss is nan at iteration 3 (epoch 1, step 0)" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint_0001.pth"]
+    load_checkpoint(tmp_path / "checkpoint_0001.pth")
+
+
+@pytest.mark.parametrize(
+    ("layout", "opts", "message"),
+    [
+        ("missing", [], "no training images at"),
+        ("empty_class", [], "class_2' has no images"),
+        ("no_images", [], "has no images"),
+        ("ok", ["MODEL.K", "18"], "MODEL.K=18 must be a multiple of the global batch SOLVER.BATCH_SIZE=4"),
+        ("ok", ["MODEL.BN_SPLITS", "1"], "Shuffle-BN needs at least 2 batch-norm groups"),
+        ("ok", ["MODEL.BN_SPLITS", "3"], "not divisible by MODEL.BN_SPLITS=3"),
+        ("ok", ["MODEL.ARCH", "vgg16"], "not a torchvision ResNet"),
+        ("ok", ["SOLVER.BATCH_SIZE", "16"], "fewer than one global batch"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, capsys, layout, opts, message):
+    if layout == "missing":
+        (tmp_path / "val").mkdir()
+    elif layout == "empty_class":
+        make_image_folder(tmp_path / "train", classes=2, per_class=2)
+        (tmp_path / "train" / "class_2").mkdir()
+    elif layout == "no_images":
+        (tmp_path / "train" / "a").mkdir(parents=True)
+    else:
+        make_image_folder(tmp_path / "train", classes=2, per_class=3)
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "DATA.ROOT", str(tmp_path), "OUTPUT_DIR", str(tmp_path / "out"), *opts])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_too_many_corrupt_images_stops(tmp_path, capsys):
+    make_image_folder(tmp_path / "train", classes=2, per_class=4)
+    for name in ("class_0/img_0.png", "class_1/img_2.png"):
+        (tmp_path / "train" / name).write_bytes(b"bad")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                *TINY,
+                "DATA.ROOT",
+                str(tmp_path),
+                "OUTPUT_DIR",
+                str(tmp_path / "out"),
+                "DATA.MAX_BAD_FRACTION",
+                "0.2",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert "error: 2 of 8 images" in err and "DATA.MAX_BAD_FRACTION=0.2" in err and "\n" not in err
+
+
+def test_learning_rate_schedules():
+    cfg = load_config(pretrain_defaults(), None, ["SOLVER.BATCH_SIZE", "512"])
+    assert learning_rate(cfg, 0) == pytest.approx(0.06)
+    assert learning_rate(cfg, 100) == pytest.approx(0.03)
+    assert learning_rate(cfg, 150) == pytest.approx(0.06 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    step = load_config(pretrain_defaults(), None, ["SOLVER.SCHEDULE", "step"])
+    assert [learning_rate(step, e) for e in (0, 119, 120, 159, 160, 199)] == pytest.approx(
+        [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003]
+    )
