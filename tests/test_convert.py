@@ -49,8 +49,10 @@ def wrap(fmt: str, src: dict[str, torch.Tensor], arch: str) -> dict:
     encoder = {k: v for k, v in src.items() if not k.startswith("fc.")} | head
     if fmt in ("moco_ours", "moco_official"):
         sd = {f"module.encoder_q.{k}": v for k, v in encoder.items()}
-        # The key encoder has the same names; give it other values so taking it by mistake shows.
-        sd |= {f"module.encoder_k.{k}": -v if v.is_floating_point() else v for k, v in encoder.items()}
+        # The key encoder has the same names; some of its tensors differ, so taking it by mistake shows
+        # (the rest share storage with the query encoder, which keeps the file small).
+        differ = {"conv1.weight", "layer3.0.downsample.0.weight", "layer4.1.bn2.running_var"}
+        sd |= {f"module.encoder_k.{k}": -v if k in differ else v for k, v in encoder.items()}
         sd |= {"module.queue": torch.randn(16, 32), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
         ckpt = {"epoch": 3, "arch": arch, "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}
         if fmt == "moco_ours":
