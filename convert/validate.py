@@ -163,7 +163,7 @@ def _unmatched_category(model_key: str) -> str | None:
 def validate_detectron2(
     path: str | os.PathLike, source: dict[str, torch.Tensor], arch: str, target: DetectorTarget
 ) -> ValidationResult:
-    """Load ``path`` into ``model`` with DetectionCheckpointer and compare with the torchvision ``source``.
+    """Load ``path`` into ``target.model`` with DetectionCheckpointer and compare with the torchvision ``source``.
 
     Every backbone and res5 parameter and BN buffer must come from its own source tensor, unchanged;
     only the RPN, the box predictor, res5's extra norm and BN step counters may stay unmatched.
