@@ -1,0 +1,1 @@
+"""Speed benchmarks (scripts, not tests): each prints a table and one JSON line with its baseline."""

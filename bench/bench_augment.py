@@ -1,0 +1,114 @@
+"""Augmentation throughput: images/s per CPU core, two 224² views per image, decoded from JPEG files.
+
+Baseline = the reference recipe (PIL + torchvision exactly as the official MoCo code); ours = the fast
+CPU path, and the CPU half of the device path (crop + flip only). Both start from the same JPEG files
+decoded the same way (PIL, like the official ImageFolder loader). With ``--device cuda`` it also measures
+the device half (``GPUAugment``) on batches of uint8 crops.
+
+    python -m bench.bench_augment [--images 64] [--rounds 5] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import torch
+from PIL import Image
+
+from bench.common import environment, make_jpegs, print_json, print_table, timed_rounds
+from pretrain.augment import TwoCropsTransform, mocov1_reference, mocov2_reference
+from pretrain.fast_augment import CropFlipTwoView, FastTwoViewTransform
+from pretrain.gpu_augment import GPUAugment
+
+
+def load(path: Path) -> Image.Image:
+    """The official loader: PIL decode + convert("RGB")."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def loop(paths: list[Path], transform) -> int:
+    for p in paths:
+        transform(load(p))
+    return len(paths)
+
+
+def gpu_augment_rate(device: str, batch: int, size: int, repeats: int) -> float:
+    """Images/s (two views each) of the device half on uint8 batches already on ``device``."""
+    aug = GPUAugment("mocov2").to(device)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    aug(x, g)  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        aug(x, g)
+        aug(x, g)  # query and key views
+    sync()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=64, help="JPEG files per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default=None, help="also time the device half on this device (e.g. cuda)")
+    parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--gpu-repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)  # per core: one process, one thread, as one loader worker
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(tmp, args.images)
+        s = args.size
+        fns = {
+            "decode only": lambda: loop(paths, lambda img: img),
+            "reference mocov2": lambda: loop(paths, TwoCropsTransform(mocov2_reference(s))),
+            "fast mocov2": lambda: loop(paths, FastTwoViewTransform("mocov2", s)),
+            "reference mocov1": lambda: loop(paths, TwoCropsTransform(mocov1_reference(s))),
+            "fast mocov1": lambda: loop(paths, FastTwoViewTransform("mocov1", s)),
+            "gpu impl, CPU half": lambda: loop(paths, CropFlipTwoView(s)),
+        }
+        for fn in fns.values():  # warm caches and lazy imports
+            fn()
+        rates = timed_rounds(fns, args.rounds)
+
+    base = rates["reference mocov2"]
+    rows = [[name, rate, f"{rate / base:.2f}x"] for name, rate in rates.items()]
+    record: dict[str, object] = {
+        "bench": "augment",
+        "images_per_s_per_core": {
+            k.replace(" ", "_").replace(",", ""): round(v, 1) for k, v in rates.items()
+        },
+        "ratio_fast_vs_reference_mocov2": round(rates["fast mocov2"] / base, 2),
+        "ratio_fast_vs_reference_mocov1": round(rates["fast mocov1"] / rates["reference mocov1"], 2),
+        "ratio_gpu_cpu_half_vs_reference_mocov2": round(rates["gpu impl, CPU half"] / base, 2),
+        "images": args.images,
+        "rounds": args.rounds,
+        "size": s,
+        "env": environment(),
+    }
+    if args.device:
+        rate = gpu_augment_rate(args.device, args.gpu_batch, s, args.gpu_repeats)
+        rows.append([f"GPUAugment on {args.device} (batch {args.gpu_batch})", rate, "-"])
+        record["gpu_augment_images_per_s"] = round(rate, 1)
+        record["gpu_augment_device"] = args.device
+    print(
+        f"augmentation throughput, {s}x{s}, two views per image, images/s on one core (median of {args.rounds})"
+    )
+    print_table(["pipeline", "images/s", "vs reference v2"], rows)
+    print_json(record)
+
+
+if __name__ == "__main__":
+    main()
