@@ -64,6 +64,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if "numpy" in text:
+            raise UserError(
+                f"checkpoint {str(path)!r} holds numpy arrays (an already converted Detectron2 .pkl?); "
+                "expected a PyTorch checkpoint"
+            ) from None
         if "Unsupported global" in text or "GLOBAL" in text:
             raise UserError(
                 f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
@@ -73,8 +78,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {str(path)!r} is not a PyTorch checkpoint (or is corrupt): it cannot be unpickled"
         ) from None
     except Exception as exc:  # torch.load reports torn files as many types (EOF, Key, Index, Runtime...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {str(path)!r} is truncated or corrupt ({first})") from None
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        raise UserError(f"checkpoint {str(path)!r} is truncated or corrupt ({what})") from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
     return obj
