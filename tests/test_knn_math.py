@@ -9,6 +9,15 @@ import torch.nn.functional as F
 from pretrain.knn import knn_class_scores, topk_correct
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and does not fight parallel test runs for the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def dense_reference(queries, bank, labels, num_classes, k, t):
     """Straightforward InstDisc-style kNN: full similarity matrix, one-hot votes weighted by exp(s/T)."""
     sim = queries @ bank.T
