@@ -64,9 +64,10 @@ def to_hwc_uint8(img: Image.Image | np.ndarray) -> np.ndarray:
 
 def resized_crop(src: Tensor, top: int, left: int, height: int, width: int, size: int) -> np.ndarray:
     """Crop ``src`` (1x3xHxW uint8, channels-last memory) and resize to size² like PIL's BILINEAR."""
-    crop = src[:, :, top : top + height, left : left + width]
+    # a channels-last crop makes interpolate write channels-last (HWC) output: no transpose copy after
+    crop = src[:, :, top : top + height, left : left + width].contiguous(memory_format=torch.channels_last)
     out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    return out[0].permute(1, 2, 0).numpy()
 
 
 def _blend_lut(base: float, factor: float) -> np.ndarray:
@@ -247,11 +248,11 @@ class CropFlipTwoView:
 
     def view(self, src: Tensor) -> Tensor:
         top, left, h, w = sample_crop(src.shape[2], src.shape[3], self.scale)
-        crop = src[:, :, top : top + h, left : left + w]
+        crop = src[:, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
         out = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True)[0]
         if _rand_below(0.5):
             out = out.flip(-1)
-        return out.contiguous()
+        return out  # CHW view of HWC memory; the loader's collate copies it into the batch anyway
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale})"
