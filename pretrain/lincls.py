@@ -15,6 +15,7 @@ randomly initialised network on the labels; its checkpoint has kind "supervised"
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, 
 from pretrain.backbone import BackboneState, load_resnet_state
 from pretrain.checkpoint import CheckpointManager, load_checkpoint
 from pretrain.config import default_argument_parser, load_config
-from pretrain.data import SafeImageFolder
+from pretrain.data import SafeImageFolder, mix_seed
 from pretrain.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -276,8 +277,6 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
     main = dist_info.is_main
     out = Path(cfg.OUTPUT_DIR)
     _check_cfg(cfg, world)
-    torch.manual_seed(cfg.SEED + dist_info.rank)
-    random.seed(cfg.SEED + dist_info.rank)
 
     state = load_pretrained(cfg)  # checkpoint problems are reported before the data is scanned
     train_set, val_set = _datasets(cfg)
@@ -322,24 +321,26 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
 
     ddp = model
     if world > 1:
+        extra = {}
+        if frozen:  # frozen BN buffers are identical everywhere and never change: no per-step broadcast
+            sig = inspect.signature(DistributedDataParallel).parameters
+            extra = {"forward_sync_buffers" if "forward_sync_buffers" in sig else "broadcast_buffers": False}
         ddp = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=not frozen,  # frozen BN buffers are identical everywhere and never change
+            model, device_ids=[device.index] if device.type == "cuda" else None, **extra
         )
     per_rank = cfg.SOLVER.BATCH_SIZE // world
-    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.SEED) if world > 1 else None
+    # The epoch's order is a function of (SEED, epoch), also with one process, so a resumed run sees
+    # the same order as an uninterrupted one.
+    sampler = DistributedSampler(train_set, world, dist_info.rank, shuffle=True, seed=cfg.SEED)
     workers = cfg.DATA.NUM_WORKERS
     train_loader = DataLoader(
         train_set,
         batch_size=per_rank,
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=workers,
         pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
         drop_last=False,
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.SEED),
+        generator=torch.Generator(),  # reseeded every epoch: seeds the workers' augmentation
     )
     val_loader = make_eval_loader(val_set, per_rank, workers, cfg.DATA.PIN_MEMORY)
     amp = cfg.TRAIN.AMP and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -361,8 +362,13 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
         lr = lr_at(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        # Augmentation randomness is a function of (SEED, rank, epoch): a run resumed at an epoch
+        # boundary repeats exactly what the uninterrupted run would have done (on CPU, bit for bit).
+        seed = mix_seed(cfg.SEED, dist_info.rank, epoch)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        train_loader.generator.manual_seed(seed)
         # Linear protocol: eval mode throughout, so BN uses (and keeps) the pretrained statistics.
         ddp.train(not frozen)
         loss_meter, acc_meter = AverageMeter("loss"), AverageMeter("top1")
@@ -405,7 +411,7 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
                 "epoch %d/%d: val top1 %.3f top5 %.3f (best top1 %.3f @ %d)",
                 epoch + 1, cfg.SOLVER.EPOCHS, last["top1"], last["top5"], best["top1"], best["epoch"],
             )  # fmt: skip
-            state = {
+            ckpt = {
                 "epoch": epoch + 1,
                 "arch": cfg.MODEL.ARCH,
                 "state_dict": _prefixed(model.state_dict()),
@@ -417,7 +423,7 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
                 "weights": cfg.MODEL.WEIGHTS,
                 "config": cfg.dump(),
             }
-            path = manager.save(state, CheckpointManager.name_for(epoch + 1))
+            path = manager.save(ckpt, CheckpointManager.name_for(epoch + 1))
             if is_best:
                 _publish(path, out / "model_best.pth")
             if epoch + 1 == cfg.SOLVER.EPOCHS:

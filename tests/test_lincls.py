@@ -135,6 +135,11 @@ def test_linear_run_killed_and_resumed_trains_only_fc_and_passes_sanity_check(da
     for k, v in initial_fc.items():
         assert not torch.equal(first["state_dict"][f"module.{k}"], v), f"{k} did not train in epoch 1"
         assert not torch.equal(final["state_dict"][f"module.{k}"], first["state_dict"][f"module.{k}"]), k
+    # The resumed run is bit-identical to an uninterrupted one (data order + augmentation seeded per epoch).
+    straight = main([*argv, "OUTPUT_DIR", str(tmp_path / "straight")])
+    assert straight == results
+    ref = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
+    assert torch.equal(ref["state_dict"]["module.fc.weight"], final["state_dict"]["module.fc.weight"])
     # Only fc reached the optimizer.
     assert len(final["optimizer"]["param_groups"][0]["params"]) == 2
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3.0)  # 30 x 0.1 after STEPS [1]
