@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -85,7 +86,14 @@ class VerifiedCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str):
         self._source = filename
-        return super()._load_file(filename)
+        try:
+            return super()._load_file(filename)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise UserError(
+                f"MODEL.WEIGHTS {filename!r} is not a readable Detectron2 checkpoint "
+                f"(.pkl from `python -m convert`, or a .pth saved by train_net): {type(exc).__name__}: {first_line}"
+            ) from None
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

@@ -24,6 +24,8 @@ VOC_LAYOUT = (
     "{root}/VOC2007/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{{trainval,test}}.txt}} "
     "and {root}/VOC2012/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/trainval.txt}}"
 )
+CUSTOM_VOC_LAYOUT = "<root>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
+COCO_LAYOUT = "{root}/coco/{{annotations/instances_{{train,val}}2017.json, train2017/, val2017/}}"
 SPEC_KEYS = {"name", "root", "split", "classes", "year"}
 
 
@@ -169,22 +171,24 @@ def check_datasets(cfg: CfgNode, *, train: bool = True) -> None:
             f"dataset(s) {unknown} in DATASETS.TRAIN/TEST are not registered; use a built-in name "
             f"(e.g. voc_2007_trainval, voc_2012_trainval, voc_2007_test) or add them to DATASETS.VOC_CUSTOM"
         )
-    problems, builtin_missing = [], False
+    problems, layouts = [], {}
+    root = f"$DETECTRON2_DATASETS (={datasets_root()})"
     for name in dict.fromkeys(names):
         meta = MetadataCatalog.get(name)
-        dirname = meta.get("dirname", None)
-        if dirname is None:  # not a VOC-format dataset (e.g. COCO): Detectron2 reports its own errors
+        if meta.get("dirname", None) is not None:  # VOC format (built-in or DATASETS.VOC_CUSTOM)
+            missing = _missing_voc_parts(meta.dirname, meta.split)
+            custom = meta.get("voc_custom_spec", None) is not None
+            layout = CUSTOM_VOC_LAYOUT if custom else VOC_LAYOUT.format(root=root)
+        elif meta.get("json_file", None) is not None:  # COCO format
+            missing = [p for p in (meta.json_file, meta.image_root) if not os.path.exists(p)]
+            layout = COCO_LAYOUT.format(root=root)
+        else:
             continue
-        missing = _missing_voc_parts(dirname, meta.split)
         if missing:
             problems.append(f"{name} (missing {', '.join(missing)})")
-            builtin_missing |= meta.get("voc_custom_spec", None) is None
+            layouts[layout] = None
     if problems:
-        if builtin_missing:
-            layout = VOC_LAYOUT.format(root=f"$DETECTRON2_DATASETS (={datasets_root()})")
-        else:
-            layout = "<root>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
-        raise UserError(f"dataset not found: {'; '.join(problems)}; expected {layout}")
+        raise UserError(f"dataset not found: {'; '.join(problems)}; expected {' and '.join(layouts)}")
     if train and cfg.DATASETS.TRAIN:
         classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
         if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
