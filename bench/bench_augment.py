@@ -15,13 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import torch
 from PIL import Image
 
 from bench.common import environment, make_jpegs, print_json, print_table, timed_rounds
 from pretrain.augment import TwoCropsTransform, mocov1_reference, mocov2_reference
-from pretrain.fast_augment import CropFlipTwoView, FastTwoViewTransform
 from pretrain.gpu_augment import GPUAugment
 
 
@@ -54,23 +52,16 @@ def gpu_augment_rate(device: str, batch: int, size: int, repeats: int) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--images", type=int, default=64, help="JPEG files per round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--device", default=None, help="also time the device half on this device (e.g. cuda)")
-    parser.add_argument("--gpu-batch", type=int, default=256)
-    parser.add_argument("--gpu-repeats", type=int, default=20)
-    args = parser.parse_args()
+def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]], dict[str, object]]:
+    """Per-core images/s of each CPU pipeline, interleaved rounds on the same JPEG files."""
+    import cv2
+
+    from pretrain.fast_augment import CropFlipTwoView, FastTwoViewTransform
 
     torch.set_num_threads(1)  # per core: one process, one thread, as one loader worker
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(tmp, args.images)
-        s = args.size
+        paths = make_jpegs(tmp, images)
         fns = {
             "decode only": lambda: loop(paths, lambda img: img),
             "reference mocov2": lambda: loop(paths, TwoCropsTransform(mocov2_reference(s))),
@@ -81,31 +72,47 @@ def main() -> None:
         }
         for fn in fns.values():  # warm caches and lazy imports
             fn()
-        rates = timed_rounds(fns, args.rounds)
-
+        rates = timed_rounds(fns, rounds)
     base = rates["reference mocov2"]
-    rows = [[name, rate, f"{rate / base:.2f}x"] for name, rate in rates.items()]
-    record: dict[str, object] = {
-        "bench": "augment",
+    rows: list[list[object]] = [[name, rate, f"{rate / base:.2f}x"] for name, rate in rates.items()]
+    record = {
         "images_per_s_per_core": {
             k.replace(" ", "_").replace(",", ""): round(v, 1) for k, v in rates.items()
         },
         "ratio_fast_vs_reference_mocov2": round(rates["fast mocov2"] / base, 2),
         "ratio_fast_vs_reference_mocov1": round(rates["fast mocov1"] / rates["reference mocov1"], 2),
         "ratio_gpu_cpu_half_vs_reference_mocov2": round(rates["gpu impl, CPU half"] / base, 2),
-        "images": args.images,
-        "rounds": args.rounds,
-        "size": s,
-        "env": environment(),
+        "images": images,
+        "rounds": rounds,
     }
+    return rows, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=64, help="JPEG files per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--device", default=None, help="also time the device half on this device (e.g. cuda)")
+    parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--gpu-repeats", type=int, default=20)
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU pipelines (no OpenCV needed)")
+    args = parser.parse_args()
+
+    rows: list[list[object]] = []
+    record: dict[str, object] = {"bench": "augment", "size": args.size, "env": environment()}
+    if not args.gpu_only:
+        rows, cpu_record = cpu_pipelines(args.images, args.rounds, args.size)
+        record.update(cpu_record)
     if args.device:
-        rate = gpu_augment_rate(args.device, args.gpu_batch, s, args.gpu_repeats)
+        rate = gpu_augment_rate(args.device, args.gpu_batch, args.size, args.gpu_repeats)
         rows.append([f"GPUAugment on {args.device} (batch {args.gpu_batch})", rate, "-"])
         record["gpu_augment_images_per_s"] = round(rate, 1)
         record["gpu_augment_device"] = args.device
-    print(
-        f"augmentation throughput, {s}x{s}, two views per image, images/s on one core (median of {args.rounds})"
-    )
+    s = args.size
+    print(f"augmentation throughput, {s}x{s}, two views per image, images/s (CPU rows: one core, median)")
     print_table(["pipeline", "images/s", "vs reference v2"], rows)
     print_json(record)
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Single-GPU benchmark for a lent accelerator machine, < 5 minutes in total.
+#   bash bench/gpu_check.sh            (from the repository root; PYTHON=... to pick the interpreter)
+# Writes each part's output to $OUT (or bench/results/) and prints it. Every part has its own timeout,
+# so one failing or slow part cannot eat the others' time.
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-bench/results}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+part() {  # part NAME SECONDS CMD...: run with a timeout, tee to $OUT_DIR/NAME.txt, report the status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (timeout ${limit}s): $*"
+    local start=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT_DIR/$name.txt"
+}
+
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+    echo "error: '$PY -c \"import torch\"' failed; set PYTHON to an interpreter with torch" | tee "$OUT_DIR/error.txt"
+    exit 1
+fi
+part versions 60 "$PY" - <<'PYEOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("cuda available", torch.cuda.is_available(), "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB", "sm", f"{p.major}.{p.minor}")
+for mod in ("torchvision", "PIL", "numpy", "cv2"):
+    try:
+        print(mod, importlib.import_module(mod).__version__)
+    except Exception as exc:  # report, don't stop: later parts say what they need
+        print(mod, "MISSING", exc)
+PYEOF
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "error: no CUDA device visible to torch; nothing to benchmark" | tee "$OUT_DIR/error.txt"
+    exit 1
+fi
+part step_resnet50 240 "$PY" -m bench.bench_step --device cuda --arch resnet50 \
+    --batch-sizes 32 64 128 --steps 5 --rounds 3 --warmup 3
+part gpu_augment 90 "$PY" -m bench.bench_augment --gpu-only --device cuda --gpu-batch 256 --gpu-repeats 20
+echo "results in $OUT_DIR"
