@@ -100,6 +100,11 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
     return torch.stack([hit[:, : min(k, maxk)].any(dim=1).float().mean() * 100.0 for k in ks])
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Features leave autocast in fp32, so normalisation, logits and the queue are full precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder and a queue of negative keys."""
 
@@ -177,12 +182,12 @@ class MoCo(nn.Module):
         ``generator`` (CPU, used on rank 0) draws the shuffle-BN permutation; pass one seeded per step
         for reproducible runs. The logits use the queue as it was before this batch's keys are enqueued.
         """
-        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        q = F.normalize(_at_least_fp32(self.encoder_q(im_q)), dim=1)
         with torch.no_grad():
             self._momentum_update_key_encoder()  # before the key forward, as the official code
             if self.shuffle_bn:
                 im_k, idx_unshuffle = self._batch_shuffle(im_k, generator)
-            k = F.normalize(self.encoder_k(im_k).float(), dim=1)
+            k = F.normalize(_at_least_fp32(self.encoder_k(im_k)), dim=1)
             if self.shuffle_bn:
                 k = self._batch_unshuffle(k, idx_unshuffle)
         logits = contrastive_logits(q, k, self.queue.clone().detach(), self.T)

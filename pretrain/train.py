@@ -8,6 +8,7 @@ mid-epoch included (bit-identical on the CPU).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from pretrain.metrics import MetricWriter, progress, setup_logging
 logger = logging.getLogger("moco")
 
 SHUFFLE_STREAM = 3  # seeds of the shuffle-BN permutations (data.py uses 1 and 2)
+GPU_AUG_STREAM = 4  # seeds of the device-side augmentation (AUG.IMPL "gpu")
 CHECKPOINT_KIND = "moco"
 
 
@@ -310,6 +312,18 @@ class KnnMonitor:
         )
 
 
+def wrap_ddp(moco: MoCo, device: torch.device) -> DistributedDataParallel:
+    """DDP that averages the query encoder's gradients over processes.
+
+    Buffers are not broadcast each step: the queue is identical on every rank by construction, and a
+    rank's BN running statistics only matter through rank 0's checkpoint (as with the default).
+    """
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.14
+        return DistributedDataParallel(moco, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(moco, device_ids=ids, broadcast_buffers=False)
+
+
 def train(cfg: CfgNode, info: DistInfo) -> dict:
     """Run (or continue) the whole schedule; returns a summary (iteration, epoch, last loss, stopped)."""
     device, world, main = info.device, info.world_size, info.is_main
@@ -340,13 +354,7 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
         epoch, epoch_step, iteration = load_training_state(
             resume, cfg, moco, optimizer, scaler, steps_per_epoch
         )
-    model: nn.Module = moco
-    if world > 1:
-        # Buffers are not broadcast each step: the queue is identical on every rank by construction, and
-        # each rank's BN running stats are only used through rank 0's checkpoint (as with the default).
-        model = DistributedDataParallel(
-            moco, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+    model = wrap_ddp(moco, device) if world > 1 else moco
     knn = (
         KnnMonitor(cfg, device)
         if cfg.KNN.EVAL_PERIOD > 0 and cfg.KNN.TRAIN_ROOT and cfg.KNN.VAL_ROOT
@@ -392,9 +400,10 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
             bad_tracker.update(skipped)
             im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            if gpu_aug is not None:
-                im_q, im_k = gpu_aug(im_q), gpu_aug(im_k)
             data_time += time.perf_counter() - tick
+            if gpu_aug is not None:  # colour/blur/normalise on the device, seeded by (seed, step, rank)
+                g = torch.Generator().manual_seed(mix_seed(cfg.SEED, GPU_AUG_STREAM, iteration, info.rank))
+                im_q, im_k = gpu_aug(im_q, g), gpu_aug(im_k, g)
             generator = torch.Generator().manual_seed(mix_seed(cfg.SEED, SHUFFLE_STREAM, iteration))
             try:
                 stats = train_step(model, optimizer, im_q, im_k, generator, scaler, amp_dtype)
