@@ -76,6 +76,8 @@ def check_config(cfg: CfgNode, world_size: int) -> None:
     local = batch // world_size
     if local % splits:
         raise UserError(f"the per-process batch {local} is not divisible by MODEL.BN_SPLITS={splits}")
+    if not cfg.MODEL.T > 0 or not 0 <= cfg.MODEL.M < 1:
+        raise UserError(f"need MODEL.T > 0 and 0 <= MODEL.M < 1, got T={cfg.MODEL.T}, M={cfg.MODEL.M}")
     if cfg.SOLVER.SCHEDULE not in ("cosine", "step"):
         raise UserError(f"SOLVER.SCHEDULE must be 'cosine' or 'step', got {cfg.SOLVER.SCHEDULE!r}")
     if int(cfg.SOLVER.EPOCHS) <= 0:

@@ -199,6 +199,7 @@ def test_non_finite_loss_stops_before_the_update(data, tmp_path, capsys):
         ("ok", ["MODEL.BN_SPLITS", "1"], "Shuffle-BN needs at least 2 batch-norm groups"),
         ("ok", ["MODEL.BN_SPLITS", "3"], "not divisible by MODEL.BN_SPLITS=3"),
         ("ok", ["MODEL.ARCH", "vgg16"], "not a torchvision ResNet"),
+        ("ok", ["MODEL.T", "0.0"], "need MODEL.T > 0"),
         ("ok", ["SOLVER.BATCH_SIZE", "16"], "fewer than one global batch"),
     ],
 )
