@@ -1,0 +1,397 @@
+"""``make demo``: the paper's whole protocol in miniature, on CPU, through the real entry points.
+
+    python -m demo.run            # full demo (<= 40 min on 2 cores) -> results/demo/report.md
+    python -m demo.run --quick    # same stages at tiny scale (minutes)
+
+Stages (each a child process running the same command a full-scale user runs; only the configs
+under ``configs/demo/`` differ): data -> MoCo v2 and MoCo v1 pretraining (kNN monitor) ->
+supervised baseline -> kNN and linear evaluation of every backbone (random init, supervised,
+MoCo v1, MoCo v2) -> conversion to Detectron2 -> a check that the detector holds every pretrained
+tensor -> Faster R-CNN C4 fine-tuning + VOC-style AP on the demo scenes -> report. A stage whose
+output exists is skipped, so rerunning after a crash continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from demo import data as demo_data
+from demo.fashion_mnist import CLASS_NAMES
+from demo.stages import Runner, Stage, detectron2_progress, epoch_progress, fmt_seconds, two_pass_progress
+from pretrain.errors import exit_on_user_error
+
+ROWS = ("random_init", "supervised", "moco_v1", "moco_v2")
+ROW_TITLES = {
+    "random_init": "random init",
+    "supervised": "supervised",
+    "moco_v1": "MoCo v1",
+    "moco_v2": "MoCo v2",
+}
+CONFIG_DIRS = {
+    "full": Path("configs/demo"),
+    "quick": Path("configs/demo/quick"),
+    "smoke": Path("configs/demo/smoke"),
+}
+# The VOC root written in configs/demo/voc_c4.yaml; other data roots are passed on the command line.
+CONFIG_VOC_ROOT = Path("datasets/demo/voc")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where everything of one demo run lives."""
+
+    preset: str
+    seed: int
+    data: demo_data.DemoData
+    work: Path
+    report_dir: Path
+
+    def config(self, name: str) -> str:
+        return str(CONFIG_DIRS[self.preset] / f"{name}.yaml")
+
+    def backbone(self, row: str) -> Path:
+        """The checkpoint each table row evaluates (formats every tool reads)."""
+        return {
+            "random_init": self.work / "random_init" / "resnet18_random_init.pth",
+            "supervised": self.work / "supervised" / "model_final.pth",
+            "moco_v1": self.work / "pretrain" / "moco_v1" / "model_final.pth",
+            "moco_v2": self.work / "pretrain" / "moco_v2" / "model_final.pth",
+        }[row]
+
+    def detection_opts(self) -> list[str]:
+        """Overrides every detection command (and the checks that rebuild its model) shares."""
+        opts = ["SEED", str(self.seed)]
+        if self.data.voc.resolve() != CONFIG_VOC_ROOT.resolve():
+            custom = [
+                {
+                    "name": f"fmnist_scenes_{split}",
+                    "root": str(self.data.voc),
+                    "split": split,
+                    "classes": list(CLASS_NAMES),
+                }
+                for split in ("trainval", "test")
+            ]
+            opts += ["DATASETS.VOC_CUSTOM", repr(custom)]
+        return opts
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _pretrain_epochs(config_file: str) -> int:
+    from pretrain.config import load_config, pretrain_defaults
+
+    return int(load_config(pretrain_defaults(), config_file).SOLVER.EPOCHS)
+
+
+def _lincls_epochs(config_file: str) -> int:
+    from pretrain.config import load_config
+    from pretrain.lincls import lincls_defaults
+
+    return int(load_config(lincls_defaults(), config_file).SOLVER.EPOCHS)
+
+
+def _max_iter(config_file: str) -> int:
+    from detection.config import load_detection_config
+
+    return int(load_detection_config(config_file).SOLVER.MAX_ITER)
+
+
+def _pretrain_summary(out: Path) -> str:
+    from demo.report import pretrain_curves
+
+    c = pretrain_curves(out / "metrics.jsonl")
+    knn = " -> ".join(f"{v:.1f}" for v in c["knn"]) if c["knn"] else "n/a"
+    return f"{c['epochs']} epochs, loss {c['loss'][-1]:.3f}, contrastive acc {c['acc1'][-1]:.1f} %, kNN top-1 per epoch {knn} %"
+
+
+def build_stages(plan: Plan) -> list[Stage]:
+    """Every stage of the demo, in order."""
+    w, data, seed = plan.work, plan.data, str(plan.seed)
+    imagefolder = str(data.imagefolder)
+    spec = dataclasses.replace(demo_data.PRESETS[plan.preset], seed=plan.seed)
+    quick = {"full": "", "quick": " --quick", "smoke": " --preset smoke"}[plan.preset]
+    stages = [
+        Stage(
+            "data",
+            "prepare Fashion-MNIST ImageFolder + VOC-format scenes",
+            data.manifest,
+            func=lambda: demo_data.prepare(data.root, spec, log=lambda *_: None),
+            summary=lambda: "{imagefolder_train} train / {imagefolder_val} val images, "
+            "{voc_trainval_images} trainval / {voc_test_images} test scenes".format(
+                **_json(data.manifest)["counts"]
+            ),
+            display=f"python -m demo.data{quick} --seed {seed} --root {data.root}",
+        ),
+        Stage(
+            "random_init",
+            "random-init ResNet-18 (torchvision init, seeded)",
+            plan.backbone("random_init"),
+            func=lambda: _random_init(plan),
+            display=f"(in demo.run) torch.manual_seed({seed}); torchvision.models.resnet18().state_dict()",
+        ),
+    ]
+    for v in ("moco_v2", "moco_v1"):
+        out = w / "pretrain" / v
+        cfg = plan.config(v)
+        stages.append(
+            Stage(
+                f"pretrain/{v}",
+                f"{ROW_TITLES[v]} pretraining",
+                out / "model_final.pth",
+                argv=_python(
+                    "-m",
+                    "pretrain.train",
+                    "--config-file",
+                    cfg,
+                    "DATA.ROOT",
+                    imagefolder,
+                    "KNN.TRAIN_ROOT",
+                    str(data.imagefolder / "train"),
+                    "KNN.VAL_ROOT",
+                    str(data.imagefolder / "val"),
+                    "OUTPUT_DIR",
+                    str(out),
+                    "SEED",
+                    seed,
+                    "RESUME",
+                    "auto",
+                ),  # fmt: skip
+                progress=epoch_progress(_pretrain_epochs(cfg), first_epoch=0),
+                summary=lambda out=out: _pretrain_summary(out),
+            )
+        )
+    sup_cfg = plan.config("supervised")
+    stages.append(
+        Stage(
+            "supervised",
+            "supervised pretraining on the labels",
+            w / "supervised" / "results.json",
+            argv=_python(
+                "-m",
+                "pretrain.lincls",
+                "--config-file",
+                sup_cfg,
+                "DATA.ROOT",
+                imagefolder,
+                "OUTPUT_DIR",
+                str(w / "supervised"),
+                "SEED",
+                seed,
+                "RESUME",
+                "auto",
+            ),  # fmt: skip
+            progress=epoch_progress(_lincls_epochs(sup_cfg), first_epoch=1),
+            summary=lambda: f"val top-1 {_json(w / 'supervised' / 'results.json')['top1']:.2f} %",
+        )
+    )
+    stages.append(
+        Stage(
+            "raw_pixels",
+            "raw-pixel kNN reference",
+            w / "raw_pixels" / "knn_results.json",
+            func=lambda: _raw_pixels(plan),
+            summary=lambda: f"top-1 {_json(w / 'raw_pixels' / 'knn_results.json')['top1']:.2f} %",
+            display=f"(in demo.run) weighted kNN on raw pixels of {imagefolder}",
+        )
+    )
+    for row in ROWS:
+        out = w / "knn" / row
+        stages.append(
+            Stage(
+                f"knn/{row}",
+                f"kNN evaluation: {ROW_TITLES[row]}",
+                out / "knn_results.json",
+                argv=_python(
+                    "-m",
+                    "pretrain.knn",
+                    "--config-file",
+                    plan.config("knn"),
+                    "MODEL.WEIGHTS",
+                    str(plan.backbone(row)),
+                    "DATA.ROOT",
+                    imagefolder,
+                    "OUTPUT_DIR",
+                    str(out),
+                ),  # fmt: skip
+                progress=two_pass_progress(),
+                summary=lambda out=out: f"top-1 {_json(out / 'knn_results.json')['top1']:.2f} %",
+            )
+        )
+    lin_cfg = plan.config("lincls")
+    for row in ROWS:
+        out = w / "lincls" / row
+        stages.append(
+            Stage(
+                f"lincls/{row}",
+                f"linear evaluation: {ROW_TITLES[row]}",
+                out / "results.json",
+                argv=_python(
+                    "-m",
+                    "pretrain.lincls",
+                    "--config-file",
+                    lin_cfg,
+                    "MODEL.WEIGHTS",
+                    str(plan.backbone(row)),
+                    "DATA.ROOT",
+                    imagefolder,
+                    "OUTPUT_DIR",
+                    str(out),
+                    "SEED",
+                    seed,
+                    "RESUME",
+                    "auto",
+                ),  # fmt: skip
+                progress=epoch_progress(_lincls_epochs(lin_cfg), first_epoch=1),
+                summary=lambda out=out: f"top-1 {_json(out / 'results.json')['top1']:.2f} %",
+            )
+        )
+    det_cfg, det_rand = plan.config("voc_c4"), plan.config("voc_c4_random_init")
+    for row in ROWS:
+        out = w / "detection" / row
+        if row == "random_init":
+            cfg, weights = det_rand, []
+        else:
+            pkl = w / "convert" / f"{row}.pkl"
+            cfg, weights = det_cfg, ["MODEL.WEIGHTS", str(pkl)]
+            stages.append(
+                Stage(
+                    f"convert/{row}",
+                    f"convert to Detectron2: {ROW_TITLES[row]}",
+                    pkl,
+                    argv=_python("-m", "convert", str(plan.backbone(row)), str(pkl)),
+                    summary=lambda pkl=pkl: f"{pkl} ({pkl.stat().st_size / 2**20:.1f} MiB)",
+                )
+            )
+            check_json = w / "detection" / f"transfer_check_{row}.json"
+            stages.append(
+                Stage(
+                    f"transfer/{row}",
+                    f"check every pretrained tensor reaches the detector: {ROW_TITLES[row]}",
+                    check_json,
+                    func=lambda row=row, pkl=pkl, check_json=check_json: _check_transfer(
+                        plan, row, pkl, check_json
+                    ),
+                    summary=lambda check_json=check_json: "{tensors_identical} tensors identical "
+                    "({backbone_tensors} backbone + {res5_tensors} res5)".format(**_json(check_json)),
+                    display=f"(in demo.run) demo.transfer.check_transfer({plan.backbone(row)}, {pkl}, {det_cfg})",
+                )
+            )
+        stages.append(
+            Stage(
+                f"detection/{row}",
+                f"Faster R-CNN C4 fine-tuning + eval: {ROW_TITLES[row]}",
+                out / "metrics.json",
+                argv=_python(
+                    "detection/train_net.py",
+                    "--config-file",
+                    cfg,
+                    "--resume",
+                    *weights,
+                    "OUTPUT_DIR",
+                    str(out),
+                    *plan.detection_opts(),
+                ),  # fmt: skip
+                progress=detectron2_progress(_max_iter(cfg)),
+                summary=lambda out=out: "AP50 {AP50:.1f}, AP {AP:.1f}, AP75 {AP75:.1f}".format(
+                    **_json(out / "metrics.json")
+                ),
+            )
+        )
+    grid = plan.report_dir / "detections.png"
+    stages.append(
+        Stage(
+            "scenes",
+            "draw test scenes with the MoCo v2 detector's boxes",
+            grid,
+            func=lambda: _scene_grid(plan, grid),
+            display=f"(in demo.run) demo.visualize.scene_grid(... {w / 'detection' / 'moco_v2' / 'model_final.pth'})",
+        )
+    )
+    return stages
+
+
+def _random_init(plan: Plan) -> None:
+    from demo.baselines import write_random_init
+
+    write_random_init(plan.backbone("random_init"), "resnet18", plan.seed)
+
+
+def _raw_pixels(plan: Plan) -> None:
+    from demo.baselines import raw_pixel_knn
+    from pretrain.config import load_config
+    from pretrain.knn import knn_defaults
+
+    knn = load_config(knn_defaults(), plan.config("knn")).KNN
+    raw_pixel_knn(plan.data.imagefolder, knn.K, knn.T, plan.work / "raw_pixels" / "knn_results.json")
+
+
+def _check_transfer(plan: Plan, row: str, pkl: Path, out_json: Path) -> None:
+    from demo.transfer import check_transfer
+
+    check_transfer(str(plan.backbone(row)), str(pkl), plan.config("voc_c4"), plan.detection_opts(), out_json)
+
+
+def _scene_grid(plan: Plan, out_png: Path) -> None:
+    from demo.visualize import scene_grid
+
+    weights = plan.work / "detection" / "moco_v2" / "model_final.pth"
+    scene_grid(plan.config("voc_c4"), plan.detection_opts(), str(weights), plan.data.voc, out_png)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    preset = demo_data.resolve_preset(args.quick, args.preset)
+    work = args.work or Path("results/demo/work") / preset
+    report_dir = args.report_dir or (Path("results/demo") if preset == "full" else work)
+    data = demo_data.DemoData(args.data_root or demo_data.default_root(preset))
+    return Plan(preset, args.seed, data, work, report_dir)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Run the whole MoCo v2 protocol in miniature on Fashion-MNIST (CPU)."
+    )
+    p.add_argument("--quick", action="store_true", help="tiny scale, a few minutes (make demo QUICK=1)")
+    p.add_argument("--preset", choices=sorted(CONFIG_DIRS), help="scale (overrides --quick); smoke = tests")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
+    p.add_argument("--work", type=Path, help="intermediate outputs (default results/demo/work/<preset>)")
+    p.add_argument("--data-root", type=Path, help="prepared data (default datasets/demo[-<preset>])")
+    p.add_argument(
+        "--report-dir", type=Path, help="where report.md goes (default results/demo for the full demo)"
+    )
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_arg_parser().parse_args(argv)
+    plan = make_plan(args)
+    plan.work.mkdir(parents=True, exist_ok=True)
+    stages = build_stages(plan)
+    runner = Runner(plan.work, total=len(stages) + 1)
+    print(
+        f"demo ({plan.preset}, seed {plan.seed}): {len(stages) + 1} stages; work dir {plan.work}", flush=True
+    )
+    start = time.time()
+    for stage in stages:
+        runner.run(stage)
+    from demo.report import write_report
+
+    report = write_report(plan, stages, runner.records, time.time() - start)
+    print(f"✓ [{len(stages) + 1}/{len(stages) + 1}] report: {report}", flush=True)
+    print(f"demo finished in {fmt_seconds(time.time() - start)} (this invocation)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
