@@ -88,3 +88,14 @@ def test_topk_correct():
     labels = torch.tensor([1, 2, 1])
     hits = topk_correct(scores, labels, ks=(1, 2, 5))
     torch.testing.assert_close(hits, torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]))
+
+
+def test_fp16_storage_keeps_scores_within_one_percent():
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(500, 128, generator=g), dim=1)
+    labels = torch.randint(0, 5, (500,), generator=g)
+    q = F.normalize(bank[:40] + 0.3 * torch.randn(40, 128, generator=g), dim=1)
+    full = knn_class_scores(q, bank, labels, 5, k=50, t=0.07)
+    half = knn_class_scores(q.half(), bank.half(), labels, 5, k=50, t=0.07)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=1e-2, atol=1e-3 * full.max().item())
