@@ -176,10 +176,13 @@ def extract_features(
     loader: DataLoader,
     device: torch.device,
     feature_dtype: torch.dtype = torch.float32,
-    amp: bool = True,
+    amp: bool = False,
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of this rank's share of ``loader`` (model in eval mode)."""
+    """L2-normalised features and labels of this rank's share of ``loader`` (model in eval mode).
+
+    ``amp`` runs the model in bf16 on CUDA: faster, but features then carry ~3 significant digits.
+    """
     use_amp = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     feats, labels = [], []
     bar = progress(loader, total=len(loader), desc=desc, enabled=is_main_process())
@@ -214,6 +217,7 @@ def knn_evaluate(
     device: torch.device | str | None = None,
     query_chunk: int = 1024,
     bank_chunk: int = 65536,
+    amp: bool = False,
 ) -> dict[str, float]:
     """Weighted-kNN top-1/top-5 (percent) of ``backbone``'s pooled features; distributed-aware.
 
@@ -230,9 +234,9 @@ def knn_evaluate(
     was_training = backbone.training
     backbone.eval()
     try:
-        bank, bank_labels = extract_features(backbone, train_loader, device, bank_dtype, desc="kNN bank")
+        bank, bank_labels = extract_features(backbone, train_loader, device, bank_dtype, amp, "kNN bank")
         bank, bank_labels = gather_uneven(bank), gather_uneven(bank_labels)
-        queries, labels = extract_features(backbone, val_loader, device, bank_dtype, desc="kNN queries")
+        queries, labels = extract_features(backbone, val_loader, device, bank_dtype, amp, "kNN queries")
     finally:
         backbone.train(was_training)
     if queries.shape[0]:
