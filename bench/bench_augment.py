@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows: list[list[object]] = []
-    record: dict[str, object] = {"bench": "augment", "size": args.size, "env": environment()}
+    record: dict[str, object] = {"bench": "augment", "size": args.size}
     if not args.gpu_only:
         rows, cpu_record = cpu_pipelines(args.images, args.rounds, args.size)
         record.update(cpu_record)
@@ -111,6 +111,7 @@ def main() -> None:
         rows.append([f"GPUAugment on {args.device} (batch {args.gpu_batch})", rate, "-"])
         record["gpu_augment_images_per_s"] = round(rate, 1)
         record["gpu_augment_device"] = args.device
+    record["env"] = environment()
     s = args.size
     print(f"augmentation throughput, {s}x{s}, two views per image, images/s (CPU rows: one core, median)")
     print_table(["pipeline", "images/s", "vs reference v2"], rows)
