@@ -293,6 +293,7 @@ def knn_defaults() -> CfgNode:
     c.KNN.BANK_CHUNK = 65536  # bank entries per similarity tile
     c.TRAIN = CfgNode()
     c.TRAIN.DEVICE = "auto"
+    c.TRAIN.AMP = False  # bf16 feature extraction on CUDA (faster, less exact features)
     return c
 
 
@@ -351,6 +352,7 @@ def run(cfg: CfgNode, device: torch.device) -> dict:
         device,
         cfg.KNN.QUERY_CHUNK,
         cfg.KNN.BANK_CHUNK,
+        amp=cfg.TRAIN.AMP,
     )
     res.update(checkpoint=cfg.MODEL.WEIGHTS, arch=arch, source=source, num_classes=len(train.classes))
     if is_main_process():
