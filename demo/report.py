@@ -159,19 +159,20 @@ def _findings(table: dict, raw_knn: float | None) -> list[str]:
         rel = "above" if v2["kNN top-1"] > raw_knn else "below"
         lines.append(f"MoCo v2's kNN top-1 is {rel} the raw-pixel kNN reference ({raw_knn:.1f} %).")
     for col in COLUMNS:
-        vals = {r: table[r][col] for r in table if table[r][col] is not None}
-        if not vals or v2[col] is None:
+        # Compare what the table shows (one decimal), so a "win" is never invisible in the table.
+        vals = {r: round(table[r][col], 1) for r in table if table[r][col] is not None}
+        if "moco_v2" not in vals:
             continue
-        best = max(vals, key=vals.get)
-        if best == "moco_v2":
-            lines.append(f"{col}: MoCo v2 is the best row ({v2[col]:.1f}).")
+        mine = vals["moco_v2"]
+        above = sorted((r for r in vals if vals[r] > mine), key=vals.get, reverse=True)
+        ties = [ROW_TITLES[r] for r in vals if r != "moco_v2" and vals[r] == mine]
+        tie_text = f" (tied with {', '.join(ties)})" if ties else ""
+        if not above:
+            verdict = "ties for the best value" if ties else "is the best row"
+            lines.append(f"{col}: MoCo v2 {verdict} ({mine:.1f}){tie_text}.")
         else:
-            beaten = ", ".join(
-                f"{ROW_TITLES[r]} {vals[r]:.1f}"
-                for r in sorted(vals, key=vals.get, reverse=True)
-                if vals[r] > v2[col]
-            )
-            lines.append(f"{col}: at this scale MoCo v2 ({v2[col]:.1f}) is beaten by {beaten}.")
+            beaten = ", ".join(f"{ROW_TITLES[r]} {vals[r]:.1f}" for r in above)
+            lines.append(f"{col}: at this scale MoCo v2 ({mine:.1f}) is beaten by {beaten}{tie_text}.")
     return lines
 
 
