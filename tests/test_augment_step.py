@@ -33,7 +33,7 @@ def baseline():
     "mode",
     [
         our_mode(CPU),
-        our_mode(CPU, cpu_channels_last=True),
+        our_mode(CPU, cpu_channels_last=False),
         dataclasses.replace(BASELINE, name="fused SGD", optimizer_impl="fused"),
     ],
     ids=lambda m: m.name,
