@@ -19,6 +19,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from detection.checkpoint import VerifiedCheckpointer, check_weights_path
 from detection.config import load_detection_config
@@ -52,6 +54,8 @@ def main(args: argparse.Namespace):
     """One process's work (called once per GPU by ``launch``)."""
     cfg = build_config(args)
     default_setup(cfg, args)
+    # Detectron2 sets up its own loggers only; this project's (weights report, metrics.json) join them.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detection")
     if args.eval_only:
         model = Trainer.build_model(cfg)
         VerifiedCheckpointer(
