@@ -13,6 +13,7 @@ from pretrain_utils import make_image_folder
 from pretrain.checkpoint import load_checkpoint
 from pretrain.config import load_config, pretrain_defaults
 from pretrain.distributed import init_distributed
+from pretrain.errors import UserError
 from pretrain.train import (
     NonFiniteLossError,
     build_model,
@@ -89,6 +90,8 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(data, uninterrupted, tmp_pa
     names = sorted(p.name for p in tmp_path.glob("checkpoint_*.pth"))
     assert names == ["checkpoint_0001.pth", "checkpoint_0001_iter0000004.pth"]  # KEEP_LAST 2
     assert "img_5.png" in moco_log.text  # the corrupt file was named
+    torn = tmp_path / "checkpoint_0001_iter0000005.pth"  # newest, but torn: RESUME auto must skip it
+    torn.write_bytes((tmp_path / "checkpoint_0001_iter0000004.pth").read_bytes()[:5000])
     resumed = run(data, tmp_path, *opts, "RESUME", "auto")
     assert resumed["iteration"] == 6 and "iteration 4" in moco_log.text
     a = load_checkpoint(uninterrupted / "model_final.pth")
@@ -141,11 +144,14 @@ def test_official_checkpoint_resumes(data, tmp_path):
     )
     result = run(data, tmp_path / "out", "RESUME", str(path), "DATA.MAX_BAD_FRACTION", "0.1")
     assert result["epoch"] == 2 and result["iteration"] == 6  # continued with epoch 1 only
-    with pytest.raises(Exception, match="MODEL.ARCH is resnet34"):
+    torch.save({**official, "kind": "lincls"}, tmp_path / "lincls.pth")
+    with pytest.raises(UserError, match="'lincls' checkpoint, not a MoCo pretraining one"):
+        load_training_state(tmp_path / "lincls.pth", cfg, fresh, fresh_opt, None, 3)
+    with pytest.raises(UserError, match="MODEL.ARCH is resnet34"):
         load_training_state(
             path, tiny_cfg(data, tmp_path, "MODEL.ARCH", "resnet34"), fresh, fresh_opt, None, 3
         )
-    with pytest.raises(Exception, match=r"module.queue|queue has shape"):
+    with pytest.raises(UserError, match=r"queue has shape \(16, 16\), the model has \(16, 32\)"):
         wrong_k = tiny_cfg(data, tmp_path, "MODEL.K", "32")
         load_training_state(path, wrong_k, build_model(wrong_k, 1), fresh_opt, None, 3)
 
