@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,6 +377,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library chatter in this process only
+    warnings.filterwarnings("ignore", category=UserWarning)
     plan = make_plan(args)
     plan.work.mkdir(parents=True, exist_ok=True)
     stages = build_stages(plan)
