@@ -222,6 +222,20 @@ def write_voc(
 
 
 # ------------------------------------------------------------------------------------------ build
+def _wanted(spec: DataSpec) -> dict:
+    return {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
+
+
+def is_prepared(root: Path, spec: DataSpec) -> bool:
+    """True when ``root`` holds a dataset built from exactly ``spec``."""
+    manifest = DemoData(Path(root)).manifest
+    if not manifest.is_file():
+        return False
+    have = json.loads(manifest.read_text())
+    wanted = _wanted(spec)
+    return {k: have.get(k) for k in wanted} == wanted
+
+
 def prepare(root: Path, spec: DataSpec, source_dir: Path = DEFAULT_DIR, log=print) -> DemoData:
     """Build the datasets under ``root`` unless a manifest with the same spec is already there.
 
@@ -229,12 +243,11 @@ def prepare(root: Path, spec: DataSpec, source_dir: Path = DEFAULT_DIR, log=prin
     interrupted run never leaves a half-written dataset that a later run would trust.
     """
     data = DemoData(Path(root))
-    wanted = {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(spec)}
+    wanted = _wanted(spec)
+    if is_prepared(data.root, spec):
+        log(f"demo data: {data.root} is up to date (seed {spec.seed})")
+        return data
     if data.manifest.is_file():
-        have = json.loads(data.manifest.read_text())
-        if {k: have.get(k) for k in wanted} == wanted:
-            log(f"demo data: {data.root} is up to date (seed {spec.seed})")
-            return data
         log(f"demo data: {data.root} was built from another spec; rebuilding")
         shutil.rmtree(data.root)
     elif data.root.exists():

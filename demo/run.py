@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -134,6 +136,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 **_json(data.manifest)["counts"]
             ),
             display=f"python -m demo.data{quick} --seed {seed} --root {data.root}",
+            is_done=lambda: demo_data.is_prepared(data.root, spec),
         ),
         Stage(
             "random_init",
@@ -351,6 +354,10 @@ def _scene_grid(plan: Plan, out_png: Path) -> None:
     scene_grid(plan.config("voc_c4"), plan.detection_opts(), str(weights), plan.data.voc, out_png)
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     preset = demo_data.resolve_preset(args.quick, args.preset)
     work = args.work or Path("results/demo/work") / preset
@@ -379,9 +386,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library chatter in this process only
     warnings.filterwarnings("ignore", category=UserWarning)
+    # `kill` (SIGTERM) stops the running child too, like Ctrl-C; rerunning continues from there.
+    signal.signal(signal.SIGTERM, _interrupt)
     plan = make_plan(args)
-    plan.work.mkdir(parents=True, exist_ok=True)
     stages = build_stages(plan)
+    if not stages[0].finished() and (plan.work / "stages.json").is_file():
+        # New or different data: every earlier output in the work dir is stale.
+        print(f"demo: the data will be (re)built, so the old outputs in {plan.work} are removed", flush=True)
+        shutil.rmtree(plan.work)
+    plan.work.mkdir(parents=True, exist_ok=True)
     runner = Runner(plan.work, total=len(stages) + 1)
     print(
         f"demo ({plan.preset}, seed {plan.seed}): {len(stages) + 1} stages; work dir {plan.work}", flush=True

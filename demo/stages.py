@@ -32,13 +32,17 @@ class StageFailed(UserError):
 class Stage:
     key: str  # unique id, also the log file name (e.g. "pretrain/moco_v2")
     title: str  # what the user sees
-    done: Path  # the output whose existence means the stage is finished
+    done: Path  # the output whose existence means the stage is finished (unless is_done says otherwise)
     argv: list[str] | None = None  # child command (``python ...``), or
     func: Callable[[], None] | None = None  # in-process work (small, fast steps)
     progress: ProgressFn | None = None
     summary: Callable[[], str] = field(default=lambda: "")
     # How the command is shown in the report (``python`` instead of the venv's absolute path).
     display: str = ""
+    is_done: Callable[[], bool] | None = None  # a stricter completion test than ``done`` existing
+
+    def finished(self) -> bool:
+        return self.is_done() if self.is_done is not None else self.done.exists()
 
     def command_line(self) -> str:
         if self.display:
@@ -123,7 +127,7 @@ class Runner:
     def run(self, stage: Stage) -> None:
         self.index += 1
         tag = f"[{self.index}/{self.total}]"
-        if stage.done.exists():
+        if stage.finished():
             rec = self.records.get(stage.key, {})
             took = f", took {fmt_seconds(rec['seconds'])} then" if "seconds" in rec else ""
             self.log(f"- {tag} {stage.title}: already done ({stage.done}{took}); skipped")
@@ -136,7 +140,7 @@ class Runner:
             self.log(f"  {tag} {stage.title} ...")
             stage.func()
         seconds = time.time() - start
-        if not stage.done.exists():
+        if not stage.finished():
             raise StageFailed(f"stage {stage.title!r} finished but did not write {stage.done}")
         summary = stage.summary()
         self.records[stage.key] = {
