@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,10 @@ class TinyTwoViews:
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.view(img), self.view(img)
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

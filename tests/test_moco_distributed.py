@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from pretrain_utils import free_port
 
 from pretrain.config import load_config, pretrain_defaults
 from pretrain.distributed import cleanup, init_distributed
@@ -72,12 +72,6 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         torch.save(run_steps(rank, world), Path(out) / f"rank{rank}.pt")
     finally:
         cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_one_process_with_split_bn(tmp_path):
