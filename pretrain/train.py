@@ -314,6 +314,38 @@ class KnnMonitor:
         )
 
 
+class PeriodMeter:
+    """Loss/accuracy averages and timing over one logging period.
+
+    ``data_time_frac`` is the fraction of the period spent waiting for the loader (and host-to-device
+    copies); the step itself synchronises (the loss is read every step), so the timing is real on CUDA.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.steps = torch.zeros(3, dtype=torch.float64), 0
+        self.data_time, self.total_time = 0.0, 0.0
+
+    def update(self, stats: torch.Tensor, data_time: float, total_time: float) -> None:
+        self.sums += stats.double()
+        self.steps += 1
+        self.data_time += data_time
+        self.total_time += total_time
+
+    def summary(self, global_batch: int) -> dict[str, float]:
+        loss, acc1, acc5 = (self.sums / max(self.steps, 1)).tolist()
+        elapsed = max(self.total_time, 1e-9)
+        return {
+            "loss": loss,
+            "acc1": acc1,
+            "acc5": acc5,
+            "images_per_sec": self.steps * global_batch / elapsed,
+            "data_time_frac": self.data_time / elapsed,
+        }
+
+
 def wrap_ddp(moco: MoCo, device: torch.device) -> DistributedDataParallel:
     """DDP that averages the query encoder's gradients over processes.
 
@@ -395,14 +427,13 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
             group["lr"] = lr
         sampler.set_epoch(epoch, epoch_step)
         bar = progress(loader, total=len(sampler), desc=f"epoch {epoch}", enabled=main, period=cfg.LOG.PERIOD)
-        sums, n_logged = torch.zeros(3, dtype=torch.float64), 0
-        data_time, step_time = 0.0, 0.0
+        meter = PeriodMeter()
         tick = time.perf_counter()
         for im_q, im_k, skipped in bar:
             bad_tracker.update(skipped)
             im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            data_time += time.perf_counter() - tick
+            data_time = time.perf_counter() - tick
             if gpu_aug is not None:  # colour/blur/normalise on the device, seeded by (seed, step, rank)
                 g = torch.Generator().manual_seed(mix_seed(cfg.SEED, GPU_AUG_STREAM, iteration, info.rank))
                 im_q, im_k = gpu_aug(im_q, g), gpu_aug(im_k, g)
@@ -419,25 +450,14 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
             iteration += 1
             epoch_step += 1
             now = time.perf_counter()
-            step_time += now - tick
+            meter.update(last_stats, data_time, now - tick)
             tick = now
-            sums += last_stats.double()
-            n_logged += 1
             if iteration % cfg.LOG.PERIOD == 0 or epoch_step == steps_per_epoch:
-                loss, acc1, acc5 = (sums / n_logged).tolist()
-                scalars = {
-                    "loss": loss,
-                    "acc1": acc1,
-                    "acc5": acc5,
-                    "lr": lr,
-                    "images_per_sec": n_logged * cfg.SOLVER.BATCH_SIZE / max(step_time, 1e-9),
-                    "data_time_frac": data_time / max(step_time, 1e-9),
-                    "epoch": epoch + epoch_step / steps_per_epoch,
-                }
+                scalars = meter.summary(cfg.SOLVER.BATCH_SIZE)
+                scalars.update(lr=lr, epoch=epoch + epoch_step / steps_per_epoch)
                 writer.write(iteration, scalars, prefix="train")
-                bar.set_postfix_str(f"loss {loss:.4f} acc1 {acc1:.1f} lr {lr:.4g}")
-                sums.zero_()
-                n_logged, data_time, step_time = 0, 0.0, 0.0
+                bar.set_postfix_str(f"loss {scalars['loss']:.4f} acc1 {scalars['acc1']:.1f} lr {lr:.4g}")
+                meter.reset()
             if period_iters and iteration % period_iters == 0 and epoch_step < steps_per_epoch:
                 save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
             if max_iters and iteration >= max_iters:
