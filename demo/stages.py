@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -163,11 +164,14 @@ class Runner:
         with open(log_path, "ab") as logf:
             logf.write(f"\n$ {stage.command_line()}\n".encode())
             logf.flush()
-            proc = subprocess.Popen(stage.argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            # Own process group, so an interrupt also stops the child's data-loader workers.
+            proc = subprocess.Popen(
+                stage.argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
             try:
                 self._watch(proc, stage, tag, log_path)
             except BaseException:
-                proc.terminate()
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
                 raise
         if proc.returncode != 0:
