@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from demo.stages import fmt_seconds
 from pretrain.metrics import read_metrics
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     md += ["| # | stage | time | result |", "|---:|---|---:|---|"]
     for i, st in enumerate(stages, 1):
         rec = records.get(st.key, {})
-        secs = f"{rec['seconds'] / 60:.1f} min" if "seconds" in rec else "–"
+        secs = fmt_seconds(rec["seconds"]) if "seconds" in rec else "–"
         md.append(f"| {i} | {st.title} | {secs} | {rec.get('summary', '') or ''} |")
     md += [
         "",

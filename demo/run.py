@@ -80,7 +80,7 @@ class Plan:
                 }
                 for split in ("trainval", "test")
             ]
-            opts += ["DATASETS.VOC_CUSTOM", repr(custom)]
+            opts += ["DATASETS.VOC_CUSTOM", json.dumps(custom)]  # a valid Python literal for yacs
         return opts
 
 

@@ -1,0 +1,84 @@
+"""Demo report pieces: per-epoch curves, honest findings, progress parsing, weight-name mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from demo.report import _findings, pretrain_curves
+from demo.stages import detectron2_progress, epoch_progress, two_pass_progress
+from demo.transfer import detectron2_name, is_pretrainable
+
+
+def test_pretrain_curves_average_per_epoch(tmp_path):
+    lines = [
+        {"step": 2, "train/loss": 8.0, "train/acc1": 10.0, "train/epoch": 0.5},
+        {"step": 4, "train/loss": 6.0, "train/acc1": 20.0, "train/epoch": 1.0},
+        {"step": 4, "knn/top1": 70.0, "knn/top5": 99.0},
+        {"step": 6, "train/loss": 5.0, "train/acc1": 40.0, "train/epoch": 1.5},
+        {"step": 8, "train/loss": 3.0, "train/acc1": 60.0, "train/epoch": 2.0},
+        {"step": 8, "knn/top1": 75.5, "knn/top5": 99.0},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    c = pretrain_curves(path)
+    assert c["epoch"] == [1, 2] and c["loss"] == [7.0, 4.0] and c["acc1"] == [15.0, 50.0]
+    assert c["knn"] == [70.0, 75.5]
+
+
+def _table(v2: float, others: dict[str, float]) -> dict:
+    cols = ("kNN top-1", "linear top-1", "AP50", "AP", "AP75")
+    rows = {"moco_v2": v2, **others}
+    return {r: dict.fromkeys(cols, v) for r, v in rows.items()}
+
+
+def test_findings_say_when_a_baseline_wins():
+    lines = _findings(_table(70.0, {"random_init": 72.04, "supervised": 90.0, "moco_v1": 60.0}), raw_knn=80.0)
+    assert any("did NOT beat random init" in s for s in lines)
+    assert any("below the raw-pixel" in s for s in lines)
+    assert "AP50: at this scale MoCo v2 (70.0) is beaten by supervised 90.0, random init 72.0." in lines
+
+
+def test_findings_ties_and_wins_use_the_shown_decimal():
+    lines = _findings(
+        _table(80.04, {"random_init": 80.01, "supervised": 50.0, "moco_v1": 60.0}), raw_knn=None
+    )
+    assert "AP: MoCo v2 ties for the best value (80.0) (tied with random init)." in lines
+    lines = _findings(_table(81.0, {"random_init": 80.0, "supervised": 50.0, "moco_v1": 60.0}), raw_knn=None)
+    assert "kNN top-1: MoCo v2 is the best row (81.0)." in lines
+    assert any("learned useful features" in s and "+1.0 points" in s for s in lines)
+
+
+def test_progress_parsers():
+    log = (
+        "[11/30 15:23:08 moco] epoch 0 117/117 (2.0 it/s) loss 7\n[11/30 moco] epoch 1 39/117 (2.0 it/s) x\n"
+    )
+    assert epoch_progress(4, first_epoch=0)(log) == pytest.approx((1 + 39 / 117) / 4)
+    assert epoch_progress(2, first_epoch=1)("epoch 2 8/8 (14.9 it/s)") == pytest.approx(1.0)
+    assert epoch_progress(2, first_epoch=1)("nothing yet") is None
+    d2 = detectron2_progress(200)
+    assert d2("eta: 0:01:00  iter: 99  total_loss: 1.0") == pytest.approx(0.9 * 100 / 200)
+    assert d2("iter: 199 ...\nInference done 150/300. Dataloading") == pytest.approx(0.95)
+    knn = two_pass_progress()
+    assert knn("kNN bank 20/59 (4.8 it/s)") == pytest.approx(20 / 59 / 2)
+    assert knn("kNN bank 59/59 (5.2 it/s)\nkNN queries 5/10 (4.6 it/s)") == pytest.approx(0.75)
+
+
+def test_detectron2_names_cover_resnet18_exactly():
+    import torchvision
+
+    names = {
+        k: detectron2_name(k) for k in torchvision.models.resnet18().state_dict() if not k.startswith("fc.")
+    }
+    assert names["conv1.weight"] == "backbone.stem.conv1.weight"
+    assert names["bn1.running_var"] == "backbone.stem.conv1.norm.running_var"
+    assert names["layer1.0.conv2.weight"] == "backbone.res2.0.conv2.weight"
+    assert names["layer3.0.downsample.1.bias"] == "backbone.res4.0.shortcut.norm.bias"
+    assert names["layer4.1.bn2.weight"] == "roi_heads.res5.1.conv2.norm.weight"
+    assert len(set(names.values())) == len(names)  # one-to-one
+    assert is_pretrainable("roi_heads.res5.0.conv1.weight")
+    assert not is_pretrainable("roi_heads.res5.norm.weight")  # the extra norm is trained from scratch
+    assert not is_pretrainable("roi_heads.box_predictor.cls_score.weight")
+    with pytest.raises(KeyError):
+        detectron2_name("fc.weight")
