@@ -18,6 +18,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -253,3 +254,23 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         for step in range(self.start_step, self.steps_per_epoch):
             start = step * self.global_batch + self.rank * self.local_batch
             yield [(self.epoch, i) for i in perm[start : start + self.local_batch]]
+
+
+def labelled_split_pair(
+    root: str | Path,
+    train_split: str,
+    val_split: str,
+    train_transform: Callable | None,
+    val_transform: Callable | None,
+    max_bad_fraction: float,
+) -> tuple[SafeImageFolder, SafeImageFolder]:
+    """``root/train_split`` and ``root/val_split`` as labelled folders that must share their classes."""
+    root = Path(root)
+    train = SafeImageFolder(root / train_split, train_transform, max_bad_fraction=max_bad_fraction)
+    val = SafeImageFolder(root / val_split, val_transform, max_bad_fraction=max_bad_fraction)
+    if val.classes != train.classes:
+        raise UserError(
+            f"DATA.ROOT {str(root)!r}: the class folders of {val_split}/ and {train_split}/ differ "
+            f"({len(val.classes)} vs {len(train.classes)} classes)"
+        )
+    return train, val

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from pretrain.backbone import load_resnet_state
 from pretrain.config import default_argument_parser, load_config
-from pretrain.data import SafeImageFolder
+from pretrain.data import labelled_split_pair
 from pretrain.distributed import (
     all_gather_cat,
     all_reduce_sum,
@@ -330,19 +330,16 @@ def run(cfg: CfgNode, device: torch.device) -> dict:
     model, arch, source = load_backbone_for_knn(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH)
     model.to(device)
     tf = build_eval_transform(cfg.DATA.CROP_SIZE, cfg.DATA.RESIZE, cfg.DATA.MEAN, cfg.DATA.STD)
-    root = Path(cfg.DATA.ROOT)
-    bad = cfg.DATA.MAX_BAD_FRACTION
-    train = SafeImageFolder(root / cfg.DATA.TRAIN_SPLIT, tf, max_bad_fraction=bad)
-    val = SafeImageFolder(root / cfg.DATA.VAL_SPLIT, tf, max_bad_fraction=bad)
-    if val.classes != train.classes:
-        raise UserError(
-            f"DATA.ROOT {str(root)!r}: the class folders of {cfg.DATA.VAL_SPLIT}/ and {cfg.DATA.TRAIN_SPLIT}/ differ"
-        )
+    train, val = labelled_split_pair(
+        cfg.DATA.ROOT, cfg.DATA.TRAIN_SPLIT, cfg.DATA.VAL_SPLIT, tf, tf, cfg.DATA.MAX_BAD_FRACTION
+    )
     loaders = [
         make_eval_loader(d, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.DATA.PIN_MEMORY)
         for d in (train, val)
     ]
-    logger.info("kNN (k=%d, T=%g) of %s [%s] on %s", cfg.KNN.K, cfg.KNN.T, cfg.MODEL.WEIGHTS, source, root)
+    logger.info(
+        "kNN (k=%d, T=%g) of %s [%s] on %s", cfg.KNN.K, cfg.KNN.T, cfg.MODEL.WEIGHTS, source, cfg.DATA.ROOT
+    )
     res = knn_evaluate(
         model,
         *loaders,

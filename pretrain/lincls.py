@@ -36,7 +36,7 @@ from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, 
 from pretrain.backbone import BackboneState, load_resnet_state
 from pretrain.checkpoint import CheckpointManager, load_checkpoint
 from pretrain.config import default_argument_parser, load_config
-from pretrain.data import SafeImageFolder, mix_seed
+from pretrain.data import labelled_split_pair, mix_seed
 from pretrain.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -238,14 +238,9 @@ def _datasets(cfg: CfgNode):
     root = Path(cfg.DATA.ROOT)
     train_tf = build_lincls_train_transform(cfg.DATA.CROP_SIZE, cfg.DATA.MEAN, cfg.DATA.STD)
     val_tf = build_eval_transform(cfg.DATA.CROP_SIZE, cfg.DATA.RESIZE, cfg.DATA.MEAN, cfg.DATA.STD)
-    bad = cfg.DATA.MAX_BAD_FRACTION
-    train = SafeImageFolder(root / cfg.DATA.TRAIN_SPLIT, train_tf, max_bad_fraction=bad)
-    val = SafeImageFolder(root / cfg.DATA.VAL_SPLIT, val_tf, max_bad_fraction=bad)
-    if val.classes != train.classes:
-        raise UserError(
-            f"DATA.ROOT {str(root)!r}: the class folders of {cfg.DATA.VAL_SPLIT}/ and "
-            f"{cfg.DATA.TRAIN_SPLIT}/ differ ({len(val.classes)} vs {len(train.classes)} classes)"
-        )
+    train, val = labelled_split_pair(
+        root, cfg.DATA.TRAIN_SPLIT, cfg.DATA.VAL_SPLIT, train_tf, val_tf, cfg.DATA.MAX_BAD_FRACTION
+    )
     return train, val
 
 

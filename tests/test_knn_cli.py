@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_lincls import CLASSES, _one_thread, make_image_folder, moco_checkpoint  # noqa: F401 (fixture)
+from test_lincls import CLASSES, make_image_folder, moco_checkpoint
 
 from pretrain.augment import build_eval_transform
 from pretrain.data import SafeImageFolder
 from pretrain.knn import ResNetTrunk, knn_class_scores, main, topk_correct
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = "configs/lincls/knn_in1k.yaml"
 

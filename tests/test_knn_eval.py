@@ -24,14 +24,7 @@ from pretrain.knn import (
     topk_correct,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not fight parallel test runs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed: int = 0, n_train: int = 37, n_val: int = 11, dim: int = 6, classes: int = 4):

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from pretrain.knn import knn_class_scores, topk_correct
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not fight parallel test runs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_reference(queries, bank, labels, num_classes, k, t):

@@ -20,13 +20,7 @@ from pretrain.lincls import SanityCheckError, build_model, lincls_defaults, lr_a
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and does not fight parallel test runs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_image_folder(root: Path, n_train: int = 6, n_val: int = 3, size: int = 20) -> Path:
