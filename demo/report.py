@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -195,6 +196,9 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         out_dir / "detections.png",
     )
     has_curves = _plot_curves(plan, curves_png, table["random_init"]["kNN top-1"])
+    drawn = plan.work / "detections.png"
+    if drawn.is_file() and drawn.resolve() != grid_png.resolve():
+        shutil.copyfile(drawn, grid_png)
     _plot_ap(table, ap_png)
     total = sum(r.get("seconds", 0.0) for r in records.values())
 

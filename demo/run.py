@@ -313,7 +313,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 ),
             )
         )
-    grid = plan.report_dir / "detections.png"
+    grid = w / "detections.png"  # copied next to the report by demo.report
     stages.append(
         Stage(
             "scenes",
