@@ -5,7 +5,12 @@ waiting for data, while a simulated accelerator step (``--step-ms``: sleep, i.e.
 step) runs between batches. Baseline = the reference augmentation with the same loader and workers.
 With ``--step-ms 0`` it is the loader's raw throughput (then the wait fraction is 1 by definition).
 
+``--real-step ARCH`` replaces the simulated step by a real MoCo training step on ``--device``: the
+end-to-end comparison. The reference row then runs the fp32 NCHW baseline step, the fast/gpu rows our
+step defaults (``bench.bench_step.our_mode``), and the gpu row applies ``GPUAugment`` on the device.
+
     python -m bench.bench_loader --workers 0 1 2 --batch 32 --steps 8 --step-ms 100
+    python -m bench.bench_loader --real-step resnet50 --device cuda --workers 16 --batch 128 --steps 20
 """
 
 from __future__ import annotations
@@ -18,9 +23,36 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
+from bench.bench_step import BASELINE, build, our_mode, step
 from bench.common import environment, make_jpegs, print_json, print_table
 from pretrain.augment import build_pretrain_transform
 from pretrain.data import EpochBatchSampler, PretrainDataset, SafeImageFolder
+
+
+def make_device_step(impl: str, args):
+    """A real MoCo step on ``args.device``: baseline settings for the reference impl, ours otherwise.
+
+    The returned function synchronises (reads the loss), so the time of the step is real.
+    """
+    device = torch.device(args.device)
+    mode = BASELINE if impl == "reference" else our_mode(device)
+    model, optimizer = build(args.real_step, args.batch * 16, device, mode)
+    model.train()
+    gpu_aug = None
+    if impl == "gpu":
+        from pretrain.gpu_augment import GPUAugment
+
+        gpu_aug = GPUAugment("mocov2").to(device)
+
+    def device_step(batch, i: int) -> None:
+        im_q, im_k = batch[0], batch[1]
+        if gpu_aug is not None:
+            g = torch.Generator().manual_seed(i)
+            im_q, im_k = gpu_aug(im_q.to(device, non_blocking=True), g), gpu_aug(im_k.to(device), g)
+        loss = step(model, optimizer, im_q, im_k, device, mode, torch.Generator().manual_seed(i))
+        loss.item()
+
+    return device_step
 
 
 def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
@@ -32,16 +64,23 @@ def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
+        pin_memory=bool(args.real_step) and args.device.startswith("cuda") and impl != "reference",
         prefetch_factor=args.prefetch if workers else None,
     )
+    device_step = make_device_step(impl, args) if args.real_step else None
     it = iter(loader)
-    next(it)  # worker start-up and the first batch are not steady state
+    batch = next(it)  # worker start-up and the first batch are not steady state
+    if device_step is not None:
+        device_step(batch, 0)  # warm-up step (cuDNN autotuning, allocator)
     waited, start = 0.0, time.perf_counter()
-    for _ in range(args.steps):
+    for i in range(args.steps):
         tick = time.perf_counter()
-        next(it)
+        batch = next(it)
         waited += time.perf_counter() - tick
-        time.sleep(args.step_ms / 1000.0)
+        if device_step is not None:
+            device_step(batch, i + 1)
+        else:
+            time.sleep(args.step_ms / 1000.0)
     total = time.perf_counter() - start
     del it
     return {"images_per_s": args.batch * args.steps / total, "wait_fraction": waited / total}
@@ -58,6 +97,8 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated device step per batch (sleep)")
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--real-step", default="", metavar="ARCH", help="run a real MoCo step of ARCH")
+    parser.add_argument("--device", default="cpu", help="device of --real-step")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -73,14 +114,21 @@ def main() -> None:
                 rows.append([workers, impl, r["images_per_s"], f"{r['wait_fraction']:.2f}", f"{ratio:.2f}x"])
                 results.append({"workers": workers, "impl": impl, **{k: round(v, 3) for k, v in r.items()}})
     print(
-        f"loader throughput: batch {args.batch}, {args.steps} batches, simulated step {args.step_ms:.0f} ms, "
-        f"{args.size}² two views (impl 'gpu' = CPU half only)"
+        f"loader throughput: batch {args.batch}, {args.steps} batches, "
+        + (
+            f"real {args.real_step} MoCo step on {args.device} (reference = fp32 NCHW baseline step)"
+            if args.real_step
+            else f"simulated step {args.step_ms:.0f} ms (impl 'gpu' = CPU half only)"
+        )
+        + f", {args.size}² two views"
     )
     print_table(["workers", "AUG.IMPL", "images/s", "data wait", "vs reference"], rows)
     print_json(
         {
             "bench": "loader",
             "step_ms": args.step_ms,
+            "real_step": args.real_step,
+            "device": args.device,
             "batch": args.batch,
             "results": results,
             "env": environment(),

@@ -44,4 +44,6 @@ fi
 part step_resnet50 240 "$PY" -m bench.bench_step --device cuda --arch resnet50 \
     --batch-sizes 32 64 128 --steps 5 --rounds 3 --warmup 3
 part gpu_augment 90 "$PY" -m bench.bench_augment --gpu-only --device cuda --gpu-batch 256 --gpu-repeats 20
+part end_to_end 150 "$PY" -m bench.bench_loader --real-step resnet50 --device cuda \
+    --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --batch 128 --steps 10 --impls reference fast gpu
 echo "results in $OUT_DIR"
