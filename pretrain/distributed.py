@@ -97,11 +97,7 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a new tensor); the identity for one process."""
-    if not is_dist():
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out)
-    return out / get_world_size()
+    return all_reduce_sum(tensor) / get_world_size() if is_dist() else tensor
 
 
 @torch.no_grad()
