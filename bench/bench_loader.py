@@ -55,6 +55,11 @@ def make_device_step(impl: str, args):
     return device_step
 
 
+def warmup_batches(workers: int, args) -> int:
+    """Batches consumed before timing: at least every prefetched batch plus one."""
+    return args.warmup if args.warmup is not None else workers * args.prefetch + 2
+
+
 def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
     aug = SimpleNamespace(NAME="mocov2", IMPL=impl, SIZE=args.size, CROP_SCALE=[0.2, 1.0])
     images = SafeImageFolder(root)
@@ -69,9 +74,12 @@ def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
     )
     device_step = make_device_step(impl, args) if args.real_step else None
     it = iter(loader)
-    batch = next(it)  # worker start-up and the first batch are not steady state
-    if device_step is not None:
-        device_step(batch, 0)  # warm-up step (cuDNN autotuning, allocator)
+    # Worker start-up, cuDNN autotuning and the batches the workers prefetched meanwhile are not steady
+    # state: consume (and step on) enough batches to empty the prefetch queue before timing.
+    for i in range(warmup_batches(workers, args)):
+        batch = next(it)
+        if device_step is not None:
+            device_step(batch, 10**6 + i)
     waited, start = 0.0, time.perf_counter()
     for i in range(args.steps):
         tick = time.perf_counter()
@@ -96,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated device step per batch (sleep)")
     parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed batches (workers*prefetch+2)")
+    parser.add_argument("--unique-images", type=int, default=1024, help="distinct JPEGs (rest hard links)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--real-step", default="", metavar="ARCH", help="run a real MoCo step of ARCH")
     parser.add_argument("--device", default="cpu", help="device of --real-step")
@@ -104,7 +114,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        make_jpegs(tmp, args.batch * (args.steps + 1), classes=4)
+        most = max(warmup_batches(w, args) for w in args.workers) + args.steps
+        make_jpegs(tmp, args.batch * most, classes=4, unique=args.unique_images)
         for workers in args.workers:
             base = None
             for impl in args.impls:

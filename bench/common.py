@@ -15,15 +15,25 @@ import torch
 from PIL import Image
 
 
-def make_jpegs(folder: str | os.PathLike, count: int, seed: int = 0, classes: int = 1) -> list[Path]:
+def make_jpegs(
+    folder: str | os.PathLike, count: int, seed: int = 0, classes: int = 1, unique: int | None = None
+) -> list[Path]:
     """``count`` photo-like JPEGs of ImageNet-like sizes (about 500x375, both orientations).
 
     Smooth colour fields plus texture and a few shapes, quality 90: they decode and compress like
-    photographs rather than like noise or flat colour.
+    photographs rather than like noise or flat colour. Past the first ``unique`` files the rest are
+    hard links to them (decoding costs the same; generating thousands of images would not).
     """
     rng = np.random.default_rng(seed)
-    paths = []
+    paths: list[Path] = []
     for i in range(count):
+        if unique is not None and i >= unique:
+            sub = Path(folder) / f"class{i % classes:03d}"
+            sub.mkdir(parents=True, exist_ok=True)
+            path = sub / f"img{i:05d}.jpg"
+            os.link(paths[i % unique], path)
+            paths.append(path)
+            continue
         w, h = int(rng.integers(440, 501)), int(rng.integers(330, 376))
         if rng.random() < 0.2:
             w, h = h, w

@@ -41,9 +41,14 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "error: no CUDA device visible to torch; nothing to benchmark" | tee "$OUT_DIR/error.txt"
     exit 1
 fi
-part step_resnet50 240 "$PY" -m bench.bench_step --device cuda --arch resnet50 \
+PARTS="${PARTS:-step gpu_augment end_to_end}"  # a subset, e.g. PARTS=end_to_end, when device time is short
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+want step && part step_resnet50 240 "$PY" -m bench.bench_step --device cuda --arch resnet50 \
     --batch-sizes 32 64 128 --steps 5 --rounds 3 --warmup 3
-part gpu_augment 90 "$PY" -m bench.bench_augment --gpu-only --device cuda --gpu-batch 256 --gpu-repeats 20
-part end_to_end 150 "$PY" -m bench.bench_loader --real-step resnet50 --device cuda \
-    --workers "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --batch 128 --steps 10 --impls reference fast gpu
+want gpu_augment && part gpu_augment 90 "$PY" -m bench.bench_augment --gpu-only --device cuda --gpu-batch 256 --gpu-repeats 20
+# Loader-inclusive: all workers the machine has (minus the main process and one spare), and half of them.
+WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
+want end_to_end && part end_to_end 300 "$PY" -m bench.bench_loader --real-step resnet50 --device cuda \
+    --workers "$WORKERS" "$(( WORKERS / 2 > 0 ? WORKERS / 2 : 1 ))" --batch 128 --steps 30 --prefetch 2 \
+    --impls reference fast gpu
 echo "results in $OUT_DIR"
