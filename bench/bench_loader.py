@@ -27,28 +27,29 @@ from bench.bench_step import BASELINE, build, our_mode, step
 from bench.common import environment, make_jpegs, print_json, print_table
 from pretrain.augment import build_pretrain_transform
 from pretrain.data import EpochBatchSampler, PretrainDataset, SafeImageFolder
+from pretrain.gpu_augment import build_device_stage, normalize_on_device
 
 
-def make_device_step(impl: str, args):
-    """A real MoCo step on ``args.device``: baseline settings for the reference impl, ours otherwise.
+def make_device_step(aug: SimpleNamespace, args, on_device: bool):
+    """A real MoCo step on ``args.device``: baseline settings for the reference impl, ours otherwise
+    (with the augmentation's device half as ``pretrain.train`` runs it: GPUAugment for "gpu", the
+    normalisation of the uint8 views for "fast" on CUDA).
 
     The returned function synchronises (reads the loss), so the time of the step is real.
     """
     device = torch.device(args.device)
-    mode = BASELINE if impl == "reference" else our_mode(device)
+    mode = BASELINE if aug.IMPL == "reference" else our_mode(device)
     model, optimizer = build(args.real_step, args.batch * 16, device, mode)
     model.train()
-    gpu_aug = None
-    if impl == "gpu":
-        from pretrain.gpu_augment import GPUAugment
-
-        gpu_aug = GPUAugment("mocov2").to(device)
+    device_stage = build_device_stage(aug, device) if aug.IMPL == "gpu" or on_device else None
 
     def device_step(batch, i: int) -> None:
         im_q, im_k = batch[0], batch[1]
-        if gpu_aug is not None:
+        if device_stage is not None:
             g = torch.Generator().manual_seed(i)
-            im_q, im_k = gpu_aug(im_q.to(device, non_blocking=True), g), gpu_aug(im_k.to(device), g)
+            fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
+            im_q = device_stage(im_q.to(device, non_blocking=True).contiguous(memory_format=fmt), g)
+            im_k = device_stage(im_k.to(device, non_blocking=True).contiguous(memory_format=fmt), g)
         loss = step(model, optimizer, im_q, im_k, device, mode, torch.Generator().manual_seed(i))
         loss.item()
 
@@ -60,10 +61,16 @@ def warmup_batches(workers: int, args) -> int:
     return args.warmup if args.warmup is not None else workers * args.prefetch + 2
 
 
+HOST_NORMALISED = "fast-hostnorm"  # AUG.IMPL fast with float views from the workers (before session 2)
+
+
 def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
+    host_normalised = impl == HOST_NORMALISED
+    impl = "fast" if host_normalised else impl
     aug = SimpleNamespace(NAME="mocov2", IMPL=impl, SIZE=args.size, CROP_SCALE=[0.2, 1.0])
     images = SafeImageFolder(root)
-    dataset = PretrainDataset(images, build_pretrain_transform(aug), seed=0)
+    on_device = bool(args.real_step) and normalize_on_device(aug, args.device) and not host_normalised
+    dataset = PretrainDataset(images, build_pretrain_transform(aug, on_device), seed=0)
     sampler = EpochBatchSampler(len(images), args.batch, rank=0, world_size=1, seed=0)
     loader = DataLoader(
         dataset,
@@ -72,7 +79,7 @@ def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
         pin_memory=bool(args.real_step) and args.device.startswith("cuda") and impl != "reference",
         prefetch_factor=args.prefetch if workers else None,
     )
-    device_step = make_device_step(impl, args) if args.real_step else None
+    device_step = make_device_step(aug, args, on_device) if args.real_step else None
     it = iter(loader)
     # Worker start-up, cuDNN autotuning and the batches the workers prefetched meanwhile are not steady
     # state: consume (and step on) enough batches to empty the prefetch queue before timing.
@@ -99,7 +106,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--impls", nargs="+", default=["reference", "fast", "gpu"])
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=["reference", "fast", "gpu"],
+        choices=["reference", "fast", "gpu", HOST_NORMALISED],
+        help=f"AUG.IMPL rows; {HOST_NORMALISED!r} = fast with the normalisation in the workers",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="timed batches per configuration")
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated device step per batch (sleep)")

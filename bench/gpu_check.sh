@@ -50,5 +50,5 @@ want gpu_augment && part gpu_augment 90 "$PY" -m bench.bench_augment --gpu-only 
 WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 want end_to_end && part end_to_end 300 "$PY" -m bench.bench_loader --real-step resnet50 --device cuda \
     --workers "$WORKERS" "$(( WORKERS / 2 > 0 ? WORKERS / 2 : 1 ))" --batch 128 --steps 30 --prefetch 2 \
-    --impls reference fast gpu
+    --impls reference fast-hostnorm fast gpu
 echo "results in $OUT_DIR"

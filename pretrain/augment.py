@@ -126,12 +126,16 @@ def aug_settings(aug_cfg: Any) -> dict[str, Any]:
     return {"name": name, "impl": impl, "size": size, "scale": scale, "mean": mean, "std": std}
 
 
-def build_pretrain_transform(aug_cfg: Any) -> Callable[[Image.Image], TwoViews]:
+def build_pretrain_transform(
+    aug_cfg: Any, normalize_on_device: bool = False
+) -> Callable[[Image.Image], TwoViews]:
     """Return the two-view transform chosen by ``AUG.NAME`` and ``AUG.IMPL``.
 
     "reference": the official PIL/torchvision pipeline. "fast": the same random recipe computed by
-    ``pretrain.fast_augment`` (decode-once, fused uint8 ops). "gpu": the CPU side only crops, resizes and
-    flips, returning two uint8 CHW tensors; ``pretrain.gpu_augment.GPUAugment`` does the rest on the device.
+    ``pretrain.fast_augment`` (decode-once, fused uint8 ops); with ``normalize_on_device`` it returns
+    uint8 views and ``pretrain.gpu_augment.Normalize`` finishes them on the device. "gpu": the CPU side
+    only crops, resizes and flips, returning two uint8 CHW tensors; ``pretrain.gpu_augment.GPUAugment``
+    does the rest on the device.
     """
     s = aug_settings(aug_cfg)
     if s["impl"] == "reference":
@@ -140,7 +144,9 @@ def build_pretrain_transform(aug_cfg: Any) -> Callable[[Image.Image], TwoViews]:
     from pretrain import fast_augment
 
     if s["impl"] == "fast":
-        return fast_augment.FastTwoViewTransform(s["name"], s["size"], s["scale"], s["mean"], s["std"])
+        return fast_augment.FastTwoViewTransform(
+            s["name"], s["size"], s["scale"], s["mean"], s["std"], uint8_output=normalize_on_device
+        )
     return fast_augment.CropFlipTwoView(s["size"], s["scale"])
 
 

@@ -23,13 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pretrain import distributed as dist_utils
-from pretrain.augment import aug_settings, build_eval_transform, build_pretrain_transform
+from pretrain.augment import build_eval_transform, build_pretrain_transform
 from pretrain.builder import MoCo, topk_accuracy
 from pretrain.checkpoint import CheckpointManager, load_checkpoint, save_atomic
 from pretrain.config import default_argument_parser, load_config, pretrain_defaults
 from pretrain.data import BadImageTracker, EpochBatchSampler, PretrainDataset, SafeImageFolder, mix_seed
 from pretrain.distributed import DistInfo
 from pretrain.errors import UserError, exit_on_user_error
+from pretrain.gpu_augment import build_device_stage, normalize_on_device
 from pretrain.metrics import MetricWriter, progress, setup_logging
 
 logger = logging.getLogger("moco")
@@ -260,7 +261,8 @@ def build_train_data(cfg: CfgNode, info: DistInfo) -> tuple[SafeImageFolder, Epo
             f"DATA.ROOT/{cfg.DATA.TRAIN_SPLIT}/<class>/<image>)"
         )
     images = SafeImageFolder(root, max_bad_fraction=cfg.DATA.MAX_BAD_FRACTION)
-    dataset = PretrainDataset(images, build_pretrain_transform(cfg.AUG), cfg.SEED)
+    transform = build_pretrain_transform(cfg.AUG, normalize_on_device(cfg.AUG, info.device))
+    dataset = PretrainDataset(images, transform, cfg.SEED)
     sampler = EpochBatchSampler(len(images), cfg.SOLVER.BATCH_SIZE, info.rank, info.world_size, cfg.SEED)
     workers = int(cfg.DATA.NUM_WORKERS)
     loader = DataLoader(
@@ -272,15 +274,6 @@ def build_train_data(cfg: CfgNode, info: DistInfo) -> tuple[SafeImageFolder, Epo
         prefetch_factor=cfg.DATA.PREFETCH_FACTOR if workers > 0 else None,
     )
     return images, sampler, loader
-
-
-def build_gpu_augment(cfg: CfgNode, device: torch.device):
-    """The device half of AUG.IMPL "gpu" (colour, blur, normalise), or None for CPU-side augmentation."""
-    if aug_settings(cfg.AUG)["impl"] != "gpu":
-        return None
-    from pretrain import gpu_augment
-
-    return gpu_augment.build_gpu_augment(cfg.AUG, device)
 
 
 class KnnMonitor:
@@ -380,7 +373,7 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     optimizer = build_optimizer(cfg, moco, device)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    gpu_aug = build_gpu_augment(cfg, device)
+    device_stage = build_device_stage(cfg.AUG, device)  # the augmentation's device half, if any
 
     epoch, epoch_step, iteration = 0, 0, 0
     resume = find_resume(cfg)
@@ -434,9 +427,9 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
             im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             data_time = time.perf_counter() - tick
-            if gpu_aug is not None:  # colour/blur/normalise on the device, seeded by (seed, step, rank)
+            if device_stage is not None:  # e.g. colour/blur/normalise, seeded by (seed, step, rank)
                 g = torch.Generator().manual_seed(mix_seed(cfg.SEED, GPU_AUG_STREAM, iteration, info.rank))
-                im_q, im_k = gpu_aug(im_q, g), gpu_aug(im_k, g)
+                im_q, im_k = device_stage(im_q, g), device_stage(im_k, g)
             generator = torch.Generator().manual_seed(mix_seed(cfg.SEED, SHUFFLE_STREAM, iteration))
             try:
                 stats = train_step(model, optimizer, im_q, im_k, generator, scaler, amp_dtype)

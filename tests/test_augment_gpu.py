@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -120,3 +121,37 @@ def test_forward_is_seeded_normalised_and_keeps_memory_format():
     torch.testing.assert_close(plain, expected)
     with pytest.raises(ValueError, match="uint8"):
         aug(x.float())
+
+
+def test_fast_uint8_views_normalised_on_the_device_equal_the_cpu_views():
+    """AUG.IMPL fast on CUDA ships uint8 and normalises on the device: same draws, same floats."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    on_cpu = FA.FastTwoViewTransform("mocov2", 24, mean=mean, std=std)
+    shipped = FA.FastTwoViewTransform("mocov2", 24, mean=mean, std=std, uint8_output=True)
+    norm = G.Normalize(mean, std)
+    for i in range(6):
+        img = natural_image(30 + i)
+        torch.manual_seed(i), random.seed(i)  # the blur's sigma comes from Python's random
+        a = on_cpu(img)
+        torch.manual_seed(i), random.seed(i)
+        b = shipped(img)
+        for u, v in zip(a, b):
+            assert v.dtype == torch.uint8 and v.shape == (3, 24, 24)
+            batch = v.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+            out = norm(batch)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out[0], u, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        norm(torch.zeros(1, 3, 4, 4))
+
+
+def test_device_stage_is_chosen_by_impl_and_device():
+    def aug(impl: str) -> SimpleNamespace:
+        return SimpleNamespace(NAME="mocov2", IMPL=impl, SIZE=24)
+
+    assert G.normalize_on_device(aug("fast"), "cuda") and not G.normalize_on_device(aug("fast"), "cpu")
+    assert not G.normalize_on_device(aug("reference"), "cuda")
+    assert not G.normalize_on_device(aug("gpu"), "cuda")  # GPUAugment normalises itself
+    assert G.build_device_stage(aug("reference"), "cpu") is None
+    assert G.build_device_stage(aug("fast"), "cpu") is None  # the CPU loader ships finished views
+    assert isinstance(G.build_device_stage(aug("gpu"), "cpu"), G.GPUAugment)
