@@ -20,7 +20,7 @@ OPTS ?=
 TORCHRUN = $(PY) -m torch.distributed.run --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
 	--node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
-.PHONY: install test lint pretrain lincls knn convert voc demo demo-data bench clean-venv
+.PHONY: install test lint pretrain lincls knn convert voc demo demo-data bench bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -82,6 +82,10 @@ demo: $(STAMP)
 	$(PY) -m demo.run $(if $(QUICK),--quick,)
 
 bench: $(STAMP)
-	$(PY) bench/bench_augment.py
-	$(PY) bench/bench_step.py
-	$(PY) bench/bench_loader.py
+	$(PY) -m bench.bench_augment --images 64 --rounds 5
+	$(PY) -m bench.bench_step --device cpu --arch resnet50 --image-size 112 --batch-sizes 8 --K 4096 \
+		--steps 1 --rounds 5 --warmup 1 --threads 1
+	$(PY) -m bench.bench_loader --workers 0 1 2 --batch 32 --steps 6 --step-ms 100
+
+bench-gpu: $(STAMP)  # one CUDA GPU, < 5 min: step, device augmentation, end to end (bench/README.md)
+	PYTHON=$(PY) bash bench/gpu_check.sh

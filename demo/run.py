@@ -313,6 +313,20 @@ def build_stages(plan: Plan) -> list[Stage]:
                 ),
             )
         )
+    ranks = w / "features" / "ranks.json"
+    stages.append(
+        Stage(
+            "features",
+            "effective rank of each backbone's res4 / res5 features on the test scenes",
+            ranks,
+            func=lambda: _feature_ranks(plan, ranks),
+            summary=lambda: ", ".join(
+                f"{ROW_TITLES[r]} {v['res4']['effective_rank']:.1f}" for r, v in _json(ranks)["rows"].items()
+            )
+            + " (res4)",
+            display=f"(in demo.run) demo.diagnostics.write_feature_ranks(... {data.voc}, {ranks})",
+        )
+    )
     grid = w / "detections.png"  # copied next to the report by demo.report
     stages.append(
         Stage(
@@ -345,6 +359,15 @@ def _check_transfer(plan: Plan, row: str, pkl: Path, out_json: Path) -> None:
     from demo.transfer import check_transfer
 
     check_transfer(str(plan.backbone(row)), str(pkl), plan.config("voc_c4"), plan.detection_opts(), out_json)
+
+
+def _feature_ranks(plan: Plan, out_json: Path) -> None:
+    from demo.diagnostics import write_feature_ranks
+    from detection.config import load_detection_config
+
+    size = int(load_detection_config(plan.config("voc_c4")).INPUT.MIN_SIZE_TEST)
+    backbones = {row: plan.backbone(row) for row in ROWS}
+    write_feature_ranks(backbones, "resnet18", plan.data.voc, out_json, size=size)
 
 
 def _scene_grid(plan: Plan, out_png: Path) -> None:

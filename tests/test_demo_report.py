@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
-from demo.report import _findings, pretrain_curves
+from demo.diagnostics import effective_rank
+from demo.report import _findings, _rank_section, pretrain_curves
 from demo.stages import detectron2_progress, epoch_progress, two_pass_progress
 from demo.transfer import detectron2_name, is_pretrainable
 
@@ -82,3 +85,34 @@ def test_detectron2_names_cover_resnet18_exactly():
     assert not is_pretrainable("roi_heads.box_predictor.cls_score.weight")
     with pytest.raises(KeyError):
         detectron2_name("fc.weight")
+
+
+def test_effective_rank_counts_equal_directions():
+    """k orthogonal directions of equal energy -> rank k; unequal energy -> between 1 and k."""
+    q, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    signs = torch.tensor([1.0, -1.0]).repeat(50).view(-1, 1).double()  # zero-mean coefficients
+    for k in (1, 3, 10):
+        x = torch.cat([signs * q[:, i] for i in range(k)], dim=0)  # each direction alone in 100 rows
+        assert effective_rank(x) == pytest.approx(k, rel=1e-9)
+    # two directions with energies 3:1 -> p = (3/4, 1/4), exp(entropy) by hand
+    x = torch.cat([signs * q[:, 0] * 3**0.5, signs * q[:, 1]], dim=0)
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert effective_rank(x) == pytest.approx(expected, rel=1e-9)
+    assert effective_rank(x + 5.0) == pytest.approx(expected, rel=1e-9)  # a constant offset is centred away
+
+
+def test_rank_section_explains_a_collapsed_supervised_backbone():
+    def r(v4: float, v5: float) -> dict:
+        return {
+            "res4": {"effective_rank": v4, "channels": 256},
+            "res5": {"effective_rank": v5, "channels": 512},
+        }
+
+    ranks = {"scenes": 64, "size": 160, "rows": {"supervised": r(6.2, 2.9), "moco_v2": r(120.7, 196.7)}}
+    table = {"supervised": {"AP50": 10.2}, "moco_v2": {"AP50": 44.3}}
+    md = "\n".join(_rank_section(ranks, table))
+    assert "| supervised | 6.2 | 2.9 | 10.2 |" in md and "| MoCo v2 | 120.7 | 196.7 | 44.3 |" in md
+    assert "10 labels" in md
+    ranks["rows"]["supervised"] = r(100.0, 150.0)  # no collapse -> no explanation is printed
+    assert "10 labels" not in "\n".join(_rank_section(ranks, table))
+    assert _rank_section(None, table) == []

@@ -54,6 +54,11 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path):
     checks = [json.loads((work / "detection" / f"transfer_check_{r}.json").read_text()) for r in ("moco_v2",)]
     assert checks[0]["tensors_identical"] == 100  # ResNet-18: 75 backbone + 25 res5 tensors
     assert "100 tensors identical" in first.stdout
+    ranks = json.loads((work / "features" / "ranks.json").read_text())["rows"]
+    assert list(ranks) == ["random_init", "supervised", "moco_v1", "moco_v2"]
+    for r in ranks.values():
+        assert 1.0 <= r["res4"]["effective_rank"] <= r["res4"]["channels"] == 256
+    assert "How many feature directions" in report
 
     # Resume: delete two finished stages' outputs; only they run again, with identical numbers.
     knn_json = work / "knn" / "moco_v2" / "knn_results.json"
