@@ -19,7 +19,7 @@ import argparse
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class StepMode:
     channels_last: bool = False
     optimizer_impl: str = "loop"  # "loop" | "foreach" | "fused"
     pinned_non_blocking: bool = False
+    compile: bool = False  # torch.compile both encoders (TRAIN.COMPILE)
 
 
 BASELINE = StepMode("fp32 NCHW baseline")
@@ -55,6 +56,8 @@ def build(arch: str, K: int, device: torch.device, mode: StepMode, seed: int = 0
     model = MoCo(arch=arch, dim=128, K=K, m=0.999, T=0.2, mlp=True).to(device)
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if mode.compile:
+        model.compile_encoders()
     flags = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[
         mode.optimizer_impl
     ]
@@ -157,6 +160,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave the default)")
     parser.add_argument("--cpu-nchw", action="store_true", help="no channels_last in 'ours' on CPU")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a row: our defaults + torch.compile (TRAIN.COMPILE)"
+    )
     args = parser.parse_args()
 
     if args.threads:
@@ -165,26 +171,40 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ours = our_mode(device, cpu_channels_last=not args.cpu_nchw)
+    modes = [BASELINE, ours]
+    if args.compile:
+        modes.append(replace(ours, name=ours.name + " + torch.compile", compile=True))
     rows, results = [], []
     for batch in args.batch_sizes:
-        base, fast = measure(args, device, [BASELINE, ours], batch)
-        ratio = fast["images_per_s"] / base["images_per_s"]
-        for mode, r in ((BASELINE, base), (ours, fast)):
+        measured = measure(args, device, modes, batch)
+        base = measured[0]
+        for mode, r in zip(modes, measured):
             peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
             rows.append([batch, mode.name, r["images_per_s"], peak, f"{r['first_loss']:.4f}"])
+        fast = measured[1]
+        ratio = fast["images_per_s"] / base["images_per_s"]
         rows.append([batch, "ratio ours / baseline", f"{ratio:.2f}x", "", ""])
-        results.append(
-            {
-                "batch": batch,
-                "baseline_images_per_s": round(base["images_per_s"], 1),
-                "ours_images_per_s": round(fast["images_per_s"], 1),
-                "ratio": round(ratio, 3),
-                "baseline_peak_mem_gib": base["peak_mem_gib"] and round(base["peak_mem_gib"], 2),
-                "ours_peak_mem_gib": fast["peak_mem_gib"] and round(fast["peak_mem_gib"], 2),
-                "baseline_first_loss": round(base["first_loss"], 5),
-                "ours_first_loss": round(fast["first_loss"], 5),
-            }
-        )
+        entry = {
+            "batch": batch,
+            "baseline_images_per_s": round(base["images_per_s"], 1),
+            "ours_images_per_s": round(fast["images_per_s"], 1),
+            "ratio": round(ratio, 3),
+            "baseline_peak_mem_gib": base["peak_mem_gib"] and round(base["peak_mem_gib"], 2),
+            "ours_peak_mem_gib": fast["peak_mem_gib"] and round(fast["peak_mem_gib"], 2),
+            "baseline_first_loss": round(base["first_loss"], 5),
+            "ours_first_loss": round(fast["first_loss"], 5),
+        }
+        if args.compile:
+            comp = measured[2]
+            ratio_c = comp["images_per_s"] / base["images_per_s"]
+            rows.append([batch, "ratio ours + compile / baseline", f"{ratio_c:.2f}x", "", ""])
+            entry.update(
+                compiled_images_per_s=round(comp["images_per_s"], 1),
+                compiled_ratio=round(ratio_c, 3),
+                compiled_peak_mem_gib=comp["peak_mem_gib"] and round(comp["peak_mem_gib"], 2),
+                compiled_first_loss=round(comp["first_loss"], 5),
+            )
+        results.append(entry)
     print(
         f"MoCo step throughput: {args.arch}, {args.image_size}², K={args.K}, {args.rounds}x{args.steps} timed steps per mode, {device}"
     )

@@ -130,6 +130,12 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    def compile_encoders(self, **options) -> None:
+        """``torch.compile`` both encoders in place (``nn.Module.compile``: parameter and state-dict names
+        stay the same). The queue, shuffle-BN and loss stay eager: they are a few cheap ops."""
+        self.encoder_q.compile(**options)
+        self.encoder_k.compile(**options)
+
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
         """key = m * key + (1 - m) * query, over all parameters (buffers such as BN stats are not)."""

@@ -368,6 +368,8 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     channels_last = cfg.TRAIN.CHANNELS_LAST and device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     moco = moco.to(memory_format=memory_format)
+    if cfg.TRAIN.COMPILE:
+        moco.compile_encoders()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = build_optimizer(cfg, moco, device)

@@ -149,3 +149,34 @@ def test_forward_momentum_before_keys_shuffle_and_enqueue():
     F.cross_entropy(logits, labels).backward()
     assert all(p.grad is not None for p in model.encoder_q.parameters())
     assert all(p.grad is None for p in model.encoder_k.parameters())
+
+
+def test_compiled_encoders_compute_the_same_steps(one_thread):
+    """TRAIN.COMPILE: same state-dict names, same losses, same momentum-updated key encoder and queue.
+
+    In float64: in float32 the fused kernels' different rounding is amplified by the 4-image BN groups
+    (~1e-3 after one update), which would hide a real difference behind a loose tolerance."""
+    from pretrain.train import train_step
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tiny_moco(bn_splits=2).double()
+        if compiled:
+            model.compile_encoders()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        losses = []
+        for step in range(2):
+            im_q, im_k = (
+                torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(10 * step + v)).double()
+                for v in (1, 2)
+            )
+            stats = train_step(model, optimizer, im_q, im_k, torch.Generator().manual_seed(step))
+            losses.append(stats[0].item())
+        runs.append((model, losses))
+    (eager, eager_losses), (comp, comp_losses) = runs
+    assert list(comp.state_dict()) == list(eager.state_dict())
+    assert comp_losses == pytest.approx(eager_losses, abs=1e-9)
+    for (name, a), b in zip(eager.state_dict().items(), comp.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9, msg=name)
+    assert not torch.equal(eager.encoder_k.conv1.weight, torch.zeros_like(eager.encoder_k.conv1.weight))
