@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Single-GPU benchmark for a lent accelerator machine, < 5 minutes in total.
+# Single-GPU benchmark for a lent accelerator machine, ~10 minutes in total (PARTS=... for a subset).
 #   bash bench/gpu_check.sh            (from the repository root; PYTHON=... to pick the interpreter)
 # Writes each part's output to $OUT (or bench/results/) and prints it. Every part has its own timeout,
 # so one failing or slow part cannot eat the others' time.
@@ -41,10 +41,12 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "error: no CUDA device visible to torch; nothing to benchmark" | tee "$OUT_DIR/error.txt"
     exit 1
 fi
-PARTS="${PARTS:-step gpu_augment end_to_end}"  # a subset, e.g. PARTS=end_to_end, when device time is short
+PARTS="${PARTS:-step compile gpu_augment end_to_end}"  # a subset, e.g. PARTS=end_to_end, when device time is short
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 want step && part step_resnet50 240 "$PY" -m bench.bench_step --device cuda --arch resnet50 \
     --batch-sizes 32 64 128 --steps 5 --rounds 3 --warmup 3
+want compile && part step_compile 300 "$PY" -m bench.bench_step --device cuda --arch resnet50 \
+    --batch-sizes 128 --steps 5 --rounds 3 --warmup 3 --compile
 want gpu_augment && part gpu_augment 90 "$PY" -m bench.bench_augment --gpu-only --device cuda --gpu-batch 256 --gpu-repeats 20
 # Loader-inclusive: all workers the machine has (minus the main process and one spare), and half of them.
 WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
