@@ -17,7 +17,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 DATA ?= datasets/imagenet
 OPTS ?=
-TORCHRUN = $(PY) -m torch.distributed.run --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
+TORCHRUN = $(PY) -m pretrain.launch --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
 	--node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
 .PHONY: install test lint pretrain lincls knn convert voc demo demo-data bench bench-gpu clean-venv

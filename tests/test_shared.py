@@ -163,3 +163,40 @@ def test_meter_and_metric_writer(tmp_path: Path) -> None:
     json.dumps(records)
     MetricWriter(tmp_path / "off", enabled=False).write(0, {"a": 1})
     assert not (tmp_path / "off").exists()
+
+
+def test_launcher_reports_a_workers_mistake_in_one_line(tmp_path: Path) -> None:
+    """`make pretrain` on missing data: the worker's one-line error, then one line from the launcher."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.launch",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "pretrain.train",
+    ]
+    cmd += [
+        "DATA.ROOT",
+        str(tmp_path / "nowhere"),
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+        "TRAIN.DEVICE",
+        "cpu",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith("error: DATA.ROOT: no training images at") and "nowhere" in errors[0]
+    assert errors[1] == "error: pretrain.train failed on rank 0 with exit code 2; its own message is above"
+
+
+def test_launcher_exit_codes() -> None:
+    from pretrain.launch import exit_code
+
+    assert (exit_code(2), exit_code(-9), exit_code(0)) == (2, 137, 1)
