@@ -4,6 +4,12 @@ Importing this package registers everything the project's detection configs name
 (the ``Res5ROIHeadsExtraNorm`` ROI heads).
 """
 
-from detection.roi_heads import Res5ROIHeadsExtraNorm, build_res5
+import warnings
+
+# Detectron2 scripts a few helpers with torch.jit.script at import time, which new torch versions
+# deprecate with a FutureWarning on every run; it is not actionable for users of this project.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+from detection.roi_heads import Res5ROIHeadsExtraNorm, build_res5  # noqa: E402
 
 __all__ = ["Res5ROIHeadsExtraNorm", "build_res5"]

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Detectron2 jit-scripts helpers at import time; new torch deprecates that with a FutureWarning per run.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 import torch
 from detectron2.config import CfgNode
