@@ -136,3 +136,32 @@ class CheckpointManager:
                 continue
             return p
         return None
+
+
+def choose_resume(resume: str, out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a run continues from, decided on rank 0 and shared with every rank.
+
+    ``RESUME ''``: a fresh run, refused when ``out_dir`` already holds checkpoints (its rotation would
+    delete another run's work); ``RESUME auto``: the newest valid checkpoint in ``out_dir`` (None when
+    there is none); anything else: that path. A refusal is raised on every rank alike.
+    """
+    from pretrain import distributed as dist_utils
+
+    choice: list[str | None] = [None, None]  # [checkpoint path, error message]
+    if dist_utils.is_main_process():
+        manager = CheckpointManager(out_dir)
+        if resume == "auto":
+            latest = manager.latest_valid()
+            choice[0] = str(latest) if latest else None
+        elif resume:
+            choice[0] = str(resume)
+        elif existing := manager.checkpoints():
+            choice[1] = (
+                f"OUTPUT_DIR {str(out_dir)!r} already holds a run's checkpoints (newest {existing[-1].name}); "
+                "continue it with RESUME auto, or start the new run in another OUTPUT_DIR"
+            )
+    if dist_utils.is_dist():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise UserError(choice[1])
+    return Path(choice[0]) if choice[0] else None

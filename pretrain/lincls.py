@@ -34,7 +34,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_lincls_train_transform
 from pretrain.backbone import BackboneState, load_resnet_state
-from pretrain.checkpoint import CheckpointManager, load_checkpoint
+from pretrain.checkpoint import CheckpointManager, choose_resume, load_checkpoint
 from pretrain.config import default_argument_parser, load_config
 from pretrain.data import labelled_split_pair, mix_seed
 from pretrain.distributed import (
@@ -272,6 +272,7 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
     main = dist_info.is_main
     out = Path(cfg.OUTPUT_DIR)
     _check_cfg(cfg, world)
+    resume = choose_resume(cfg.RESUME, out)  # a fresh run never rotates away another run's checkpoints
 
     state = load_pretrained(cfg)  # checkpoint problems are reported before the data is scanned
     train_set, val_set = _datasets(cfg)
@@ -294,7 +295,6 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
 
     start_epoch, best = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}
     manager = CheckpointManager(out, keep_last=cfg.CHECKPOINT.KEEP_LAST)
-    resume = manager.latest_valid() if cfg.RESUME == "auto" else (Path(cfg.RESUME) if cfg.RESUME else None)
     if resume is not None:
         ckpt = load_checkpoint(resume)
         if ckpt.get("kind") != kind or ckpt.get("arch") != cfg.MODEL.ARCH or "optimizer" not in ckpt:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from pretrain import distributed as dist_utils
 from pretrain.augment import build_eval_transform, build_pretrain_transform
 from pretrain.builder import MoCo, topk_accuracy
-from pretrain.checkpoint import CheckpointManager, load_checkpoint, save_atomic
+from pretrain.checkpoint import CheckpointManager, choose_resume, load_checkpoint, save_atomic
 from pretrain.config import default_argument_parser, load_config, pretrain_defaults
 from pretrain.data import BadImageTracker, EpochBatchSampler, PretrainDataset, SafeImageFolder, mix_seed
 from pretrain.distributed import DistInfo
@@ -184,19 +184,11 @@ def checkpoint_state(
 
 
 def find_resume(cfg: CfgNode) -> Path | None:
-    """The checkpoint RESUME names ("" none, "auto" the newest valid one in OUTPUT_DIR), chosen on rank 0."""
-    choice = [None]
-    if dist_utils.is_main_process():
-        if cfg.RESUME == "auto":
-            path = CheckpointManager(cfg.OUTPUT_DIR).latest_valid()
-            choice = [str(path) if path else None]
-            if path is None:
-                logger.info("RESUME auto: no valid checkpoint in %s, starting from scratch", cfg.OUTPUT_DIR)
-        elif cfg.RESUME:
-            choice = [str(cfg.RESUME)]
-    if dist_utils.is_dist():
-        torch.distributed.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    """The checkpoint RESUME names ("" a fresh run, "auto" the newest valid one in OUTPUT_DIR)."""
+    path = choose_resume(cfg.RESUME, cfg.OUTPUT_DIR)
+    if path is None and cfg.RESUME == "auto" and dist_utils.is_main_process():
+        logger.info("RESUME auto: no valid checkpoint in %s, starting from scratch", cfg.OUTPUT_DIR)
+    return path
 
 
 def load_training_state(
@@ -356,6 +348,7 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     device, world, main = info.device, info.world_size, info.is_main
     check_config(cfg, world)
     out = Path(cfg.OUTPUT_DIR)
+    resume = find_resume(cfg)  # before anything is written to OUTPUT_DIR
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.dump())
@@ -378,7 +371,6 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     device_stage = build_device_stage(cfg.AUG, device)  # the augmentation's device half, if any
 
     epoch, epoch_step, iteration = 0, 0, 0
-    resume = find_resume(cfg)
     if resume is not None:
         epoch, epoch_step, iteration = load_training_state(
             resume, cfg, moco, optimizer, scaler, steps_per_epoch

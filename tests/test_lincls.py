@@ -113,6 +113,12 @@ def test_linear_run_killed_and_resumed_trains_only_fc_and_passes_sanity_check(da
     assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint_0001.pth", "model_best.pth"]
     assert not (out / "results.json").exists()
     first = torch.load(out / "checkpoint_0001.pth", weights_only=True)
+    with pytest.raises(SystemExit) as refused:  # a fresh run there would rotate the checkpoints away
+        main([*argv, "RESUME", ""])
+    assert refused.value.code == 2 and sorted(p.name for p in out.glob("*.pth")) == [
+        "checkpoint_0001.pth",
+        "model_best.pth",
+    ]
     results = main(argv)  # resumes from checkpoint_0001.pth
 
     assert json.loads((out / "results.json").read_text()) == results

@@ -265,6 +265,24 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys, layout, opts, message):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_fresh_run_never_overwrites_another_runs_checkpoints(data, uninterrupted, tmp_path, capsys):
+    """Forgetting RESUME auto must not let the new run's rotation delete the old run's checkpoints."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for p in uninterrupted.glob("*"):
+        (out / p.name).write_bytes(p.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "DATA.ROOT", str(data), "OUTPUT_DIR", str(out), "DATA.MAX_BAD_FRACTION", "0.1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: OUTPUT_DIR {str(out)!r} already holds a run's checkpoints (newest checkpoint_0002.pth); "
+        "continue it with RESUME auto, or start the new run in another OUTPUT_DIR"
+    )
+    assert {name: (out / name).read_bytes() for name in before} == before  # config.yaml untouched too
+
+
 def test_too_many_corrupt_images_stops(tmp_path, capsys):
     make_image_folder(tmp_path / "train", classes=2, per_class=4)
     for name in ("class_0/img_0.png", "class_1/img_2.png"):
