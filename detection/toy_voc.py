@@ -1,4 +1,4 @@
-"""A tiny VOC-format dataset of coloured rectangles, for smoke tests of the detection pipeline.
+"""Tiny VOC- and COCO-format datasets of coloured rectangles, for smoke tests of the detection pipeline.
 
 It has the exact on-disk layout of PASCAL VOC (Annotations/*.xml, JPEGImages/*.jpg,
 ImageSets/Main/<split>.txt), so it exercises the same loader, evaluator and config keys as the
@@ -7,7 +7,10 @@ real data, in seconds on a CPU.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -70,3 +73,58 @@ def write_toy_voc(
         with open(os.path.join(root, "ImageSets", "Main", split + ".txt"), "w") as f:
             f.write("\n".join(ids[split]) + "\n")
     return ids
+
+
+# COCO ids and names of three real COCO categories: Detectron2's built-in COCO metadata maps them.
+TOY_COCO_CATEGORIES = ((1, "person"), (2, "bicycle"), (3, "car"))
+
+
+def write_toy_coco(datasets_root: str, images: dict[str, int] | None = None, seed: int = 0) -> None:
+    """The built-in COCO 2017 layout under ``datasets_root/coco`` (annotations/instances_<split>.json,
+    <split>/*.jpg) with the toy rectangles, each with its box and a polygon mask, so that Detectron2's
+    own ``coco_2017_train`` / ``coco_2017_val`` registrations load it when
+    ``DETECTRON2_DATASETS=datasets_root``."""
+    images = images or {"train2017": 6, "val2017": 3}
+    coco = os.path.join(datasets_root, "coco")
+    os.makedirs(os.path.join(coco, "annotations"), exist_ok=True)
+    for n, (split, count) in enumerate(images.items()):
+        voc = os.path.join(coco, f"_voc_{split}")
+        ids = write_toy_voc(voc, {split: count}, seed=seed + n)[split]
+        os.makedirs(os.path.join(coco, split), exist_ok=True)
+        entries, annotations = [], []
+        for number, image_id in enumerate(ids, 1):
+            os.replace(
+                os.path.join(voc, "JPEGImages", image_id + ".jpg"),
+                os.path.join(coco, split, image_id + ".jpg"),
+            )
+            tree = ET.parse(os.path.join(voc, "Annotations", image_id + ".xml"))
+            width, height = int(tree.findtext("size/width")), int(tree.findtext("size/height"))
+            entries.append({"id": number, "file_name": image_id + ".jpg", "width": width, "height": height})
+            for obj in tree.findall("object"):
+                category = TOY_COCO_CATEGORIES[TOY_CLASSES.index(obj.findtext("name"))][0]
+                x0, y0, x1, y1 = (
+                    float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")
+                )
+                x0, y0 = x0 - 1.0, y0 - 1.0  # VOC's 1-based inclusive pixels -> COCO's 0-based corners
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": number,
+                        "category_id": category,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": (x1 - x0) * (y1 - y0),
+                        "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                        "iscrowd": 0,
+                    }
+                )
+        shutil.rmtree(voc)
+        # A real COCO file lists all 80 categories; Detectron2 checks them against its built-in metadata.
+        from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+        categories = [
+            {"id": c["id"], "name": c["name"], "supercategory": "thing"}
+            for c in COCO_CATEGORIES
+            if c["isthing"]
+        ]
+        with open(os.path.join(coco, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump({"images": entries, "annotations": annotations, "categories": categories}, f)
