@@ -20,7 +20,7 @@ OPTS ?=
 TORCHRUN = $(PY) -m pretrain.launch --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
 	--node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
-.PHONY: install test lint pretrain lincls knn convert voc demo demo-data bench bench-gpu clean-venv
+.PHONY: install test lint pretrain lincls knn convert voc demo demo-data plot bench bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -80,6 +80,10 @@ demo-data: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m demo.run $(if $(QUICK),--quick,)
+
+RUNS ?= $(OUTPUT)
+plot: $(STAMP)  # curves of one or more runs: make plot RUNS="output/pretrain output/moco800"
+	$(PY) -m pretrain.plot $(RUNS)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_augment --images 64 --rounds 5

@@ -200,3 +200,30 @@ def test_launcher_exit_codes() -> None:
     from pretrain.launch import exit_code
 
     assert (exit_code(2), exit_code(-9), exit_code(0)) == (2, 137, 1)
+
+
+def test_plot_draws_every_logged_scalar_of_every_run(tmp_path: Path, capsys) -> None:
+    from pretrain.plot import load_run, main
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        run = tmp_path / name
+        run.mkdir()
+        records = [
+            {"step": 1, "time": 0.0, "train/loss": 8.0 * scale, "train/lr": 0.03, "train/epoch": 0.5},
+            {"step": 2, "time": 1.0, "train/loss": float("nan"), "train/lr": 0.03, "train/epoch": 1.0},
+            {"step": 2, "knn/top1": 40.0 * scale},
+        ]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = load_run(tmp_path / "a")
+    assert curves == {
+        "train/loss": ([1], [8.0]),
+        "train/lr": ([1, 2], [0.03, 0.03]),
+        "knn/top1": ([2], [40.0]),
+    }
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert "3 panels (knn/top1, train/loss, train/lr)" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "empty")])
+    assert "has no metrics.jsonl" in capsys.readouterr().err
