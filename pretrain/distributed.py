@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -113,3 +116,48 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a cluster signals every process of a job; the trainer stops cleanly
+    and shuts its workers down itself, so they must not die first (they still exit with their parent)."""
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (a cluster's preemption notice, torchrun shutting down) become a clean stop.
+
+    The handler only records the signal; the training loop asks :meth:`agreed` at step boundaries, which
+    is True on every rank as soon as any rank got a signal, so all ranks stop after the same iteration
+    and the checkpoint they write is consistent. A context manager: the previous handlers come back.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank received a stop signal (a collective: call it on every rank alike)."""
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"

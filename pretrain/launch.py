@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
@@ -36,6 +37,13 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(code)
+    except SignalException as exc:  # the launcher itself was told to stop (preemption, Ctrl-C, scancel)
+        print(
+            f"error: stopped by {exc.sigval.name}; the workers were asked to stop and each writes a "
+            "checkpoint first (pretraining): continue with RESUME auto",
+            file=sys.stderr,
+        )
+        sys.exit(128 + int(exc.sigval))
 
 
 if __name__ == "__main__":

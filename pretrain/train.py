@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -264,6 +265,7 @@ def build_train_data(cfg: CfgNode, info: DistInfo) -> tuple[SafeImageFolder, Epo
         pin_memory=cfg.DATA.PIN_MEMORY and info.device.type == "cuda",
         persistent_workers=cfg.DATA.PERSISTENT_WORKERS and workers > 0,
         prefetch_factor=cfg.DATA.PREFETCH_FACTOR if workers > 0 else None,
+        worker_init_fn=dist_utils.ignore_stop_signals,
     )
     return images, sampler, loader
 
@@ -407,71 +409,98 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     last_stats = torch.full((3,), float("nan"))
     max_iters = int(cfg.TRAIN.MAX_ITERS)
     period_iters = int(cfg.CHECKPOINT.PERIOD_ITERS)
-    model.train()
-    while epoch < cfg.SOLVER.EPOCHS:
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.set_epoch(epoch, epoch_step)
-        bar = progress(loader, total=len(sampler), desc=f"epoch {epoch}", enabled=main, period=cfg.LOG.PERIOD)
-        meter = PeriodMeter()
-        tick = time.perf_counter()
-        for im_q, im_k, skipped in bar:
-            bad_tracker.update(skipped)
-            im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            data_time = time.perf_counter() - tick
-            if device_stage is not None:  # e.g. colour/blur/normalise, seeded by (seed, step, rank)
-                g = torch.Generator().manual_seed(mix_seed(cfg.SEED, GPU_AUG_STREAM, iteration, info.rank))
-                im_q, im_k = device_stage(im_q, g), device_stage(im_k, g)
-            generator = torch.Generator().manual_seed(mix_seed(cfg.SEED, SHUFFLE_STREAM, iteration))
-            try:
-                stats = train_step(model, optimizer, im_q, im_k, generator, scaler, amp_dtype)
-            except NonFiniteLossError as exc:
-                raise NonFiniteLossError(
-                    f"{exc} at iteration {iteration} (epoch {epoch}, step {epoch_step}); stopping. "
-                    f"Checkpoints in {str(out)!r} are intact: lower SOLVER.BASE_LR or check the data, "
-                    "then RESUME auto"
-                ) from None
-            last_stats = stats.cpu()
-            iteration += 1
-            epoch_step += 1
-            now = time.perf_counter()
-            meter.update(last_stats, data_time, now - tick)
-            tick = now
-            if iteration % cfg.LOG.PERIOD == 0 or epoch_step == steps_per_epoch:
-                scalars = meter.summary(cfg.SOLVER.BATCH_SIZE)
-                scalars.update(lr=lr, epoch=epoch + epoch_step / steps_per_epoch)
-                writer.write(iteration, scalars, prefix="train")
-                bar.set_postfix_str(f"loss {scalars['loss']:.4f} acc1 {scalars['acc1']:.1f} lr {lr:.4g}")
-                meter.reset()
-            if period_iters and iteration % period_iters == 0 and epoch_step < steps_per_epoch:
-                save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
-            if max_iters and iteration >= max_iters:
-                logger.info(
-                    "TRAIN.MAX_ITERS=%d reached: stopping without a checkpoint (simulated kill)", max_iters
-                )
-                bar.close()
-                writer.close()
-                return summary(iteration, epoch, last_stats, stopped=True)
-        bar.close()
-        epoch, epoch_step = epoch + 1, 0
-        save(CheckpointManager.name_for(epoch), epoch, 0)
-        if knn is not None and epoch % cfg.KNN.EVAL_PERIOD == 0:
-            result = knn(moco)
-            logger.info("epoch %d: kNN top-1 %.2f top-5 %.2f", epoch, result["top1"], result["top5"])
-            writer.write(iteration, {"top1": result["top1"], "top5": result["top5"]}, prefix="knn")
-        writer.flush()
-    if main:
-        save_atomic(
-            checkpoint_state(cfg, moco, optimizer, scaler, epoch, 0, iteration), out / "model_final.pth"
-        )
-        logger.info("done: %s", out / "model_final.pth")
-    writer.close()
-    return summary(iteration, epoch, last_stats, stopped=False)
+    with dist_utils.StopSignals() as stop:
+        model.train()
+        while epoch < cfg.SOLVER.EPOCHS:
+            lr = learning_rate(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sampler.set_epoch(epoch, epoch_step)
+            bar = progress(
+                loader, total=len(sampler), desc=f"epoch {epoch}", enabled=main, period=cfg.LOG.PERIOD
+            )
+            meter = PeriodMeter()
+            tick = time.perf_counter()
+            for im_q, im_k, skipped in bar:
+                bad_tracker.update(skipped)
+                im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                data_time = time.perf_counter() - tick
+                if device_stage is not None:  # e.g. colour/blur/normalise, seeded by (seed, step, rank)
+                    g = torch.Generator().manual_seed(
+                        mix_seed(cfg.SEED, GPU_AUG_STREAM, iteration, info.rank)
+                    )
+                    im_q, im_k = device_stage(im_q, g), device_stage(im_k, g)
+                generator = torch.Generator().manual_seed(mix_seed(cfg.SEED, SHUFFLE_STREAM, iteration))
+                try:
+                    stats = train_step(model, optimizer, im_q, im_k, generator, scaler, amp_dtype)
+                except NonFiniteLossError as exc:
+                    raise NonFiniteLossError(
+                        f"{exc} at iteration {iteration} (epoch {epoch}, step {epoch_step}); stopping. "
+                        f"Checkpoints in {str(out)!r} are intact: lower SOLVER.BASE_LR or check the data, "
+                        "then RESUME auto"
+                    ) from None
+                last_stats = stats.cpu()
+                iteration += 1
+                epoch_step += 1
+                now = time.perf_counter()
+                meter.update(last_stats, data_time, now - tick)
+                tick = now
+                boundary = iteration % cfg.LOG.PERIOD == 0 or epoch_step == steps_per_epoch
+                if boundary:
+                    scalars = meter.summary(cfg.SOLVER.BATCH_SIZE)
+                    scalars.update(lr=lr, epoch=epoch + epoch_step / steps_per_epoch)
+                    writer.write(iteration, scalars, prefix="train")
+                    bar.set_postfix_str(f"loss {scalars['loss']:.4f} acc1 {scalars['acc1']:.1f} lr {lr:.4g}")
+                    meter.reset()
+                if period_iters and iteration % period_iters == 0 and epoch_step < steps_per_epoch:
+                    save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
+                if boundary and stop.agreed(
+                    device
+                ):  # preemption / torchrun shutdown: stop cleanly, resumable
+                    bar.close()
+                    if epoch_step < steps_per_epoch:
+                        save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
+                    else:
+                        epoch, epoch_step = epoch + 1, 0
+                        save(CheckpointManager.name_for(epoch), epoch, 0)
+                    logger.warning(
+                        "stopped by %s after iteration %d (epoch %d); checkpoint saved: continue with RESUME auto",
+                        stop.name,
+                        iteration,
+                        epoch,
+                    )
+                    writer.close()
+                    received = stop.received or int(signal.SIGTERM)  # another rank's signal: stop alike
+                    return summary(iteration, epoch, last_stats, stopped=True, signum=received)
+                if max_iters and iteration >= max_iters:
+                    logger.info(
+                        "TRAIN.MAX_ITERS=%d reached: stopping without a checkpoint (simulated kill)",
+                        max_iters,
+                    )
+                    bar.close()
+                    writer.close()
+                    return summary(iteration, epoch, last_stats, stopped=True)
+            bar.close()
+            epoch, epoch_step = epoch + 1, 0
+            save(CheckpointManager.name_for(epoch), epoch, 0)
+            if knn is not None and epoch % cfg.KNN.EVAL_PERIOD == 0:
+                result = knn(moco)
+                logger.info("epoch %d: kNN top-1 %.2f top-5 %.2f", epoch, result["top1"], result["top5"])
+                writer.write(iteration, {"top1": result["top1"], "top5": result["top5"]}, prefix="knn")
+            writer.flush()
+        if main:
+            save_atomic(
+                checkpoint_state(cfg, moco, optimizer, scaler, epoch, 0, iteration), out / "model_final.pth"
+            )
+            logger.info("done: %s", out / "model_final.pth")
+        writer.close()
+        return summary(iteration, epoch, last_stats, stopped=False)
 
 
-def summary(iteration: int, epoch: int, stats: torch.Tensor, stopped: bool) -> dict:
+def summary(
+    iteration: int, epoch: int, stats: torch.Tensor, stopped: bool, signum: int | None = None
+) -> dict:
     loss, acc1, acc5 = stats.tolist()
     return {
         "iteration": iteration,
@@ -480,6 +509,7 @@ def summary(iteration: int, epoch: int, stats: torch.Tensor, stopped: bool) -> d
         "acc1": acc1,
         "acc5": acc5,
         "stopped": stopped,
+        "signal": signum,
     }
 
 
@@ -490,9 +520,12 @@ def main(argv: list[str] | None = None) -> dict:
     info = dist_utils.init_distributed(cfg.TRAIN.DEVICE)
     setup_logging(cfg.OUTPUT_DIR, info.rank)
     try:
-        return train(cfg, info)
+        result = train(cfg, info)
     finally:
         dist_utils.cleanup()
+    if result.get("signal"):  # stopped cleanly by a signal: report it the way the shell would (128 + N)
+        raise SystemExit(128 + int(result["signal"]))
+    return result
 
 
 if __name__ == "__main__":

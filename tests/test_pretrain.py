@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -281,6 +285,83 @@ def test_fresh_run_never_overwrites_another_runs_checkpoints(data, uninterrupted
         "continue it with RESUME auto, or start the new run in another OUTPUT_DIR"
     )
     assert {name: (out / name).read_bytes() for name in before} == before  # config.yaml untouched too
+
+
+@pytest.mark.parametrize(
+    ("signal_at_image", "stopped_at", "newest"),
+    [(6, 2, "checkpoint_0000_iter0000002.pth"), (10, 3, "checkpoint_0001.pth")],
+)
+def test_sigterm_stops_cleanly_and_resume_is_bit_identical(
+    data, uninterrupted, tmp_path, monkeypatch, signal_at_image, stopped_at, newest
+):
+    """A preemption notice mid-epoch (or at an epoch's last step): checkpoint, stop, resume exactly."""
+    import pretrain.train as train_module
+
+    real = train_module.build_pretrain_transform
+    calls = [0]
+
+    def signalling_transform(*args, **kwargs):
+        transform = real(*args, **kwargs)
+
+        def apply(img):
+            calls[0] += 1
+            if (
+                calls[0] == signal_at_image
+            ):  # while loading the batch of iteration (signal_at_image - 1) // 4 + 1
+                signal.raise_signal(signal.SIGTERM)
+            return transform(img)
+
+        return apply
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_module, "build_pretrain_transform", signalling_transform)
+    stopped = run(data, tmp_path, "DATA.MAX_BAD_FRACTION", "0.1")
+    assert stopped["stopped"] and stopped["signal"] == signal.SIGTERM and stopped["iteration"] == stopped_at
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the trainer's handler is gone again
+    assert max(tmp_path.glob("checkpoint_*.pth"), key=os.path.getmtime).name == newest
+    monkeypatch.undo()
+    resumed = run(data, tmp_path, "DATA.MAX_BAD_FRACTION", "0.1", "RESUME", "auto")
+    assert resumed["iteration"] == 6 and not resumed["stopped"]
+    a = load_checkpoint(uninterrupted / "model_final.pth")
+    b = load_checkpoint(tmp_path / "model_final.pth")
+    assert_same_training_state(a, b)
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers(data, tmp_path):
+    """As a cluster does it: SIGTERM to every process (trainer and its loader worker). Exit 143 after a
+    clean checkpoint; RESUME auto finishes the schedule."""
+    root = Path(__file__).resolve().parents[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        *TINY,
+        "DATA.ROOT",
+        str(data),
+        "OUTPUT_DIR",
+        str(tmp_path),
+    ]
+    argv += ["DATA.MAX_BAD_FRACTION", "0.1", "DATA.NUM_WORKERS", "1", "SOLVER.EPOCHS", "40"]
+    proc = subprocess.Popen(
+        argv, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "stopped by SIGTERM after iteration" in (tmp_path / "log.txt").read_text()
+    done = len(read_metrics(metrics))
+    assert 4 <= done < 120
+    resumed = subprocess.run([*argv, "RESUME", "auto"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 40 * 3
 
 
 def test_too_many_corrupt_images_stops(tmp_path, capsys):
