@@ -37,7 +37,16 @@ def build_config(args: argparse.Namespace) -> CfgNode:
     cfg = load_detection_config(args.config_file, args.opts)
     register_custom_datasets(cfg)
     check_weights_path(cfg.MODEL.WEIGHTS)
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    has_run = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if has_run and not args.resume and not args.eval_only:
+        # Detectron2 would start over from MODEL.WEIGHTS and overwrite the run's model_*.pth files.
+        with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")) as f:
+            last = f.read().strip()
+        raise UserError(
+            f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} already holds a training run (last checkpoint {last}); "
+            "continue it with --resume, or start the new run in another OUTPUT_DIR"
+        )
+    resuming = args.resume and has_run
     if not cfg.MODEL.WEIGHTS and not cfg.MODEL.RANDOM_INIT and not resuming:
         raise UserError(
             "MODEL.WEIGHTS is empty: pass MODEL.WEIGHTS path/to/converted.pkl "

@@ -179,6 +179,14 @@ def test_train_resume_and_eval_only_through_train_net(converted, toy_data, tmp_p
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     assert "roi_heads.res5.norm.weight" in final and final["roi_heads.res5.norm.weight"].shape == (512,)
 
+    # Without --resume the run's checkpoints would be overwritten: refused, nothing touched.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("model_*.pth")}
+    with pytest.raises(SystemExit) as refused:
+        run(["--config-file", CONFIG, *toy_opts(toy_data, out, str(pkl), max_iter=3)])
+    assert refused.value.code == 2 and before == {
+        p.name: p.stat().st_mtime_ns for p in out.glob("model_*.pth")
+    }
+
     # --resume continues at iteration 2 from the last checkpoint (the converted weights are not reloaded).
     run(["--config-file", CONFIG, "--resume", *toy_opts(toy_data, out, str(pkl), max_iter=3)])
     logged = [r["iteration"] for r in read_json_lines(out / "train_log.json") if "total_loss" in r]
