@@ -406,6 +406,14 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
             path = manager.save(checkpoint_state(cfg, moco, optimizer, scaler, ep, ep_step, iteration), name)
             logger.info("saved %s", path)
 
+    def save_where_stopped(ep: int, ep_step: int) -> tuple[int, int]:
+        """A mid-epoch checkpoint, or the epoch-end one after an epoch's last step; the new position."""
+        if ep_step < steps_per_epoch:
+            save(CheckpointManager.name_for(ep, ep_step, iteration), ep, ep_step)
+            return ep, ep_step
+        save(CheckpointManager.name_for(ep + 1), ep + 1, 0)
+        return ep + 1, 0
+
     last_stats = torch.full((3,), float("nan"))
     max_iters = int(cfg.TRAIN.MAX_ITERS)
     period_iters = int(cfg.CHECKPOINT.PERIOD_ITERS)
@@ -455,15 +463,10 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
                     meter.reset()
                 if period_iters and iteration % period_iters == 0 and epoch_step < steps_per_epoch:
                     save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
-                if boundary and stop.agreed(
-                    device
-                ):  # preemption / torchrun shutdown: stop cleanly, resumable
+                # Preemption / torchrun shutdown: every rank stops here, after a checkpoint.
+                if boundary and stop.agreed(device):
                     bar.close()
-                    if epoch_step < steps_per_epoch:
-                        save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
-                    else:
-                        epoch, epoch_step = epoch + 1, 0
-                        save(CheckpointManager.name_for(epoch), epoch, 0)
+                    epoch, epoch_step = save_where_stopped(epoch, epoch_step)
                     logger.warning(
                         "stopped by %s after iteration %d (epoch %d); checkpoint saved: continue with RESUME auto",
                         stop.name,
