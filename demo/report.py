@@ -258,8 +258,8 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         "- Backbone: stock torchvision ResNet-18 (standard stem) everywhere; Detectron2 R18-C4 with res5 in the ROI head.",
         f"- Seed {plan.seed} for the data and every stage. Machine: {os.cpu_count()} CPU cores, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, no GPU.",
-        f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below; "
-        f"this invocation took {elapsed / 60:.1f} min).",
+        f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below, "
+        f"which a resumed demo collects over its invocations; the last invocation took {elapsed / 60:.1f} min).",
         "",
         "## Results",
         "",
