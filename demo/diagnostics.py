@@ -9,7 +9,6 @@ their classification accuracy suggests, e.g. a supervised backbone trained on on
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from PIL import Image
 
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.backbone import load_resnet_state
+from pretrain.checkpoint import write_json_atomic
 
-STAGES = {"res4": "layer3", "res5": "layer4"}  # Detectron2 names -> torchvision ResNet modules
+STAGES = {"layer3": "res4", "layer4": "res5"}  # torchvision ResNet modules -> Detectron2 names
 
 
 def effective_rank(features: torch.Tensor) -> float:
@@ -56,14 +56,13 @@ def backbone_ranks(weights: str | os.PathLike, arch: str, scenes: torch.Tensor, 
     if [k for k in missing if not k.startswith("fc.")]:
         raise ValueError(f"{weights}: not a complete {arch} backbone (missing {missing[:3]})")
     model.train()
-    feats: dict[str, list[torch.Tensor]] = {name: [] for name in STAGES}
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in STAGES.values()}
     for chunk in scenes.split(batch):
         h = model.maxpool(model.relu(model.bn1(model.conv1(chunk))))
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             h = getattr(model, layer)(h)
-            for name, module in STAGES.items():
-                if module == layer:
-                    feats[name].append(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
+            if layer in STAGES:  # every position becomes one row of channel values
+                feats[STAGES[layer]].append(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
     return {
         name: {"effective_rank": effective_rank(torch.cat(f)), "channels": f[0].shape[1]}
         for name, f in feats.items()
@@ -81,8 +80,5 @@ def write_feature_ranks(
         "size": size,
         "rows": {row: backbone_ranks(path, arch, scenes) for row, path in backbones.items()},
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_json)
+    write_json_atomic(result, out_json)
     return result

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.checkpoint import write_json_atomic
 from pretrain.errors import UserError
 
 # Fraction of a stage done, read from the tail of its log; None when the log says nothing yet.
@@ -121,9 +122,7 @@ class Runner:
         self.tty = sys.stderr.isatty()
 
     def _save_records(self) -> None:
-        tmp = self.records_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records, indent=2) + "\n")
-        os.replace(tmp, self.records_path)
+        write_json_atomic(self.records, self.records_path)
 
     def run(self, stage: Stage) -> None:
         self.index += 1

@@ -8,7 +8,6 @@ before evaluation, LR schedule, checkpointing, resume) is Detectron2's.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from torch import nn
 from detection.checkpoint import VerifiedCheckpointer
 from detection.evaluation import VOCDetectionEvaluator
 from detection.visualize import draw_detections
+from pretrain.checkpoint import write_json_atomic
 from pretrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -67,14 +67,9 @@ def _strict_json(obj):
     return obj
 
 
-def write_json_atomic(obj: dict, path: str) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_strict_json(obj: dict, path: str) -> None:
+    """Strict JSON (NaN as null), written atomically."""
+    write_json_atomic(_strict_json(obj), path, allow_nan=False)
 
 
 def _completed_iterations(cfg: CfgNode) -> int | None:
@@ -126,7 +121,7 @@ class Trainer(DefaultTrainer):
         if comm.is_main_process():
             per_dataset = results if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: results}
             summary = summarize_results(cfg, per_dataset, _completed_iterations(cfg))
-            write_json_atomic(summary, os.path.join(cfg.OUTPUT_DIR, METRICS_FILE))
+            write_strict_json(summary, os.path.join(cfg.OUTPUT_DIR, METRICS_FILE))
             logger.info(
                 f"{summary['dataset']}: AP {summary['AP']}, AP50 {summary['AP50']}, AP75 {summary['AP75']} "
                 f"-> {os.path.join(cfg.OUTPUT_DIR, METRICS_FILE)}"

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from detection.config import load_detection_config
-from detection.trainer import METRICS_FILE, write_json_atomic
+from detection.trainer import METRICS_FILE, write_strict_json
 from pretrain.errors import UserError, exit_on_user_error
 
 TRAIN_NET = Path(__file__).resolve().parent / "train_net.py"
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"config_file": args.config_file, "weights": args.weights, "opts": args.opts, "trials": rows}
     report["summary"] = summary
     os.makedirs(output, exist_ok=True)
-    write_json_atomic(report, str(output / "results.json"))
+    write_strict_json(report, str(output / "results.json"))
     table = markdown_table(rows, summary)
     (output / "results.md").write_text(f"# {args.config_file}, weights {args.weights}\n\n{table}")
     print(table, end="")

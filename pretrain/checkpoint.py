@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -25,6 +26,21 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, **dump_options: Any) -> Path:
+    """JSON (indented) into a temp file beside ``path``, fsync, then a rename: readers (and a crash) never
+    see half a file. ``dump_options`` go to ``json.dump`` (e.g. ``allow_nan=False``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, **dump_options)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

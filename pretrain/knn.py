@@ -10,9 +10,7 @@ peak memory is query_chunk x (bank_chunk + k) regardless of the bank size (1.28M
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterator, Sized
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from pretrain.backbone import load_resnet_state
+from pretrain.checkpoint import write_json_atomic
 from pretrain.config import default_argument_parser, load_config
 from pretrain.data import labelled_split_pair
 from pretrain.distributed import (
@@ -353,12 +352,8 @@ def run(cfg: CfgNode, device: torch.device) -> dict:
     )
     res.update(checkpoint=cfg.MODEL.WEIGHTS, arch=arch, source=source, num_classes=len(train.classes))
     if is_main_process():
-        out = Path(cfg.OUTPUT_DIR)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".knn_results.json.tmp"
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, out / "knn_results.json")
-        logger.info("kNN top1 %.2f top5 %.2f -> %s", res["top1"], res["top5"], out / "knn_results.json")
+        path = write_json_atomic(res, Path(cfg.OUTPUT_DIR) / "knn_results.json")
+        logger.info("kNN top1 %.2f top5 %.2f -> %s", res["top1"], res["top5"], path)
     return res
 
 

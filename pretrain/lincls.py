@@ -34,7 +34,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_lincls_train_transform
 from pretrain.backbone import BackboneState, load_resnet_state
-from pretrain.checkpoint import CheckpointManager, choose_resume, load_checkpoint
+from pretrain.checkpoint import CheckpointManager, choose_resume, load_checkpoint, write_json_atomic
 from pretrain.config import default_argument_parser, load_config
 from pretrain.data import labelled_split_pair, mix_seed
 from pretrain.distributed import (
@@ -448,9 +448,7 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
         "sanity_check": "passed" if pretrained is not None else "not applicable (backbone trained)",
     }
     if main:
-        tmp = out / ".results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, out / "results.json")
+        write_json_atomic(results, out / "results.json")
         logger.info("results: %s", json.dumps(results))
     return results
 
