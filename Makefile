@@ -20,7 +20,7 @@ OPTS ?=
 TORCHRUN = $(PY) -m pretrain.launch --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
 	--node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
-.PHONY: install test lint pretrain lincls knn convert voc demo demo-data plot bench bench-gpu clean-venv
+.PHONY: install test test-matrix lint pretrain lincls knn convert voc demo demo-data plot bench bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ clean-venv:
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-matrix: $(STAMP)  # the suite under every x86-64 kernel set, 1/default threads, and on a busy machine
+	PY=$(PY) bash tests/run_matrix.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

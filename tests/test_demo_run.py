@@ -35,7 +35,7 @@ def _run(work: Path, data: Path) -> subprocess.CompletedProcess:
         "--data-root",
         str(data),
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="Debian package dataset-fashion-mnist is not installed")

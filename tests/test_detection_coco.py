@@ -34,7 +34,7 @@ def test_mask_rcnn_c4_trains_and_evaluates_box_and_mask_ap(tmp_path: Path) -> No
     ]
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     cmd = [sys.executable, "detection/train_net.py", "--config-file", "configs/coco_c4.yaml", *opts]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"] == "coco_2017_val" and metrics["iteration"] == 2

@@ -236,7 +236,7 @@ def test_missing_voc_data_names_the_layout(tmp_path):
     env = {**os.environ, "DETECTRON2_DATASETS": str(root)}
     cmd = [sys.executable, str(ROOT / "detection" / "train_net.py"), "--config-file", CONFIG]
     cmd += ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert (

@@ -22,7 +22,7 @@ def test_torchrun_two_processes(tmp_path: Path):
     cmd += ["-m", "pretrain.lincls", "--config-file", "configs/lincls/lincls_in1k.yaml"]
     cmd += opts(data, out, **{"MODEL.WEIGHTS": tmp_path / "moco.pth"})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())

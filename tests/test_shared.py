@@ -188,7 +188,7 @@ def test_launcher_reports_a_workers_mistake_in_one_line(tmp_path: Path) -> None:
         "cpu",
     ]
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
