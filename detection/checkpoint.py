@@ -252,7 +252,14 @@ class VerifiedCheckpointer(DetectionCheckpointer):
                 f"{self._label} {self._source!r} holds no tensors ('model' is {got}); expected the "
                 "backbone weights written by `python -m convert` (or a Detectron2 .pth checkpoint)"
             )
-        incompatible = super()._load_model(checkpoint)
+        try:
+            incompatible = super()._load_model(checkpoint)
+        except ValueError as exc:  # fvcore: "Unsupported type found in checkpoint! <key>: <type>"
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            raise UserError(
+                f"{self._label} {self._source!r}: {first_line}; expected every value under 'model' to be a "
+                "numpy array or tensor"
+            ) from None
         skipped = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
         names = [k for k in self.model.state_dict() if not k.endswith("num_batches_tracked")]
         names = [k for k in names if k not in ("pixel_mean", "pixel_std")]

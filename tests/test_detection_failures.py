@@ -217,6 +217,14 @@ def test_weights_without_tensors_are_one_line(data, tmp_path, capfd):
     assert str(empty) in line and "no tensors" in line
 
 
+def test_weights_with_a_non_array_value_are_one_line(data, tmp_path, capfd):
+    """Found beyond the issue's list: fvcore's "Unsupported type found in checkpoint!" traceback."""
+    odd = tmp_path / "odd.pkl"
+    odd.write_bytes(pickle.dumps({"model": {"stem.conv1.weight": "abc"}, "__author__": "test"}))
+    line = one_line_error(capfd, ["--config-file", CONFIG, *toy_opts(data, tmp_path / "run", str(odd))])
+    assert str(odd) in line and "stem.conv1.weight" in line and "numpy array or tensor" in line
+
+
 def test_resume_with_last_checkpoint_naming_a_missing_file(data, tmp_path, capfd):
     """Found beyond the issue's list: Detectron2 asserts (traceback) when last_checkpoint is stale."""
     out = tmp_path / "run"
