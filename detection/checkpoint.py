@@ -9,14 +9,19 @@ weights that leave any backbone tensor untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import pickle
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO, Any
 from urllib.parse import urlparse
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from detection.safe_load import load_restricted_pickle, load_torch_weights, refuse, refused_global
 from pretrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -75,28 +80,186 @@ def check_weights_path(path: str) -> None:
         )
 
 
+# Keys only a pretraining (MoCo / lincls) checkpoint or a torchvision state dict has at its top level.
+_PRETRAIN_KEYS = ("epoch", "state_dict", "optimizer", "queue", "arch", "kind")
+
+
+def _pretraining_keys(loaded: dict) -> list[str]:
+    """Top-level keys that mark ``loaded`` as an unconverted pretraining/torchvision checkpoint."""
+    if "model" in loaded:
+        return []
+    keys = [str(k) for k in loaded]
+    marked = [k for k in keys if k in _PRETRAIN_KEYS]
+    if not marked and any(k.removeprefix("module.").startswith(("encoder_q.", "layer1.")) for k in keys):
+        marked = keys[:3]
+    return marked
+
+
+def write_atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write(f)`` into a new temp file beside ``path``, fsync, then ``os.replace`` it over ``path``.
+
+    A crash or a full disk leaves the old ``path`` (or none), never a torn one; the temp file is
+    removed on failure. The file gets the usual mode (0o666 minus the umask).
+    """
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 class VerifiedCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that logs matched/unmatched tensors and verifies the backbone loaded."""
+    """``DetectionCheckpointer`` that logs matched/unmatched tensors and verifies the backbone loaded.
+
+    It also loads without running code (restricted unpickler for ``.pkl``, ``weights_only=True``
+    for ``.pth``) and saves atomically (temp file, fsync, rename), ``last_checkpoint`` included.
+    """
 
     def __init__(self, model, save_dir: str = "", *, require_backbone: bool = True, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.require_backbone = require_backbone
         self.last_report: LoadReport | None = None
         self._source = ""
+        self._label = "MODEL.WEIGHTS"
+
+    # ------------------------------------------------------------------ loading
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        last = os.path.join(self.save_dir, "last_checkpoint")
+        target = self.get_checkpoint_file()
+        if not os.path.isfile(target):
+            raise UserError(
+                f"{last} names {os.path.basename(target)!r}, which does not exist in {self.save_dir!r}; "
+                "expected the newest model_*.pth of the run (fix the file, or start a new OUTPUT_DIR)"
+            )
+        self._label = f"checkpoint (from {last})"
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._label = "MODEL.WEIGHTS"
 
     def _load_file(self, filename: str):
         self._source = filename
         try:
-            return super()._load_file(filename)
-        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
-            first_line = (str(exc).splitlines() or [""])[0]
+            if filename.endswith(".pkl"):
+                return self._detectron2_pickle(filename, load_restricted_pickle(filename))
+            if filename.endswith(".pyth"):  # pycls, as in DetectionCheckpointer, but weights-only
+                data = self._torch_load(filename)
+                state = {
+                    k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")
+                }
+                return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+            return super()._load_file(filename)  # reads through self._torch_load
+        except UserError:
+            raise
+        except Exception as exc:
+            refused = refused_global(exc)
+            if refused is not None:
+                raise refuse(self._label, filename, refused) from None
+            first_line = (str(exc).splitlines() or [""])[0][:200]
             raise UserError(
-                f"MODEL.WEIGHTS {filename!r} is not a readable Detectron2 checkpoint "
+                f"{self._label} {filename!r} is not a readable Detectron2 checkpoint "
                 f"(.pkl from `python -m convert`, or a .pth saved by train_net): {type(exc).__name__}: {first_line}"
             ) from None
 
+    def _detectron2_pickle(self, filename: str, data: Any) -> dict:
+        """What ``DetectionCheckpointer`` makes of a .pkl (model-zoo or Caffe2 layout)."""
+        if not isinstance(data, dict):
+            raise UserError(f"{self._label} {filename!r} holds a {type(data).__name__}, expected a dict")
+        if "model" in data and "__author__" in data:
+            self.logger.info(f"Reading a file from '{data['__author__']}'")
+            return data
+        if "blobs" in data:
+            data = data["blobs"]
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _torch_load(self, f: str):
+        loaded = load_torch_weights(f)
+        if not isinstance(loaded, dict):
+            raise UserError(
+                f"{self._label} {f!r} holds a {type(loaded).__name__}, expected a checkpoint dict"
+            )
+        marked = _pretraining_keys(loaded)
+        if marked:
+            stem = os.path.splitext(f)[0]
+            raise UserError(
+                f"{self._label} {f!r} is a pretraining checkpoint (keys {marked}), not Detectron2 weights; "
+                f"convert it first: `make convert CKPT={f}` (writes {stem}.pkl), then pass MODEL.WEIGHTS {stem}.pkl"
+            )
+        return loaded
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Like ``Checkpointer.save``, but atomic: a failed write leaves the previous checkpoint as it was."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        self._write(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def _write(self, path: str, write: Callable[[IO[bytes]], Any]) -> None:
+        try:
+            write_atomic(path, write)
+        except OSError as exc:
+            previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
+            kept = (
+                f"the previous checkpoint {os.path.basename(previous)!r} is intact"
+                if previous and os.path.isfile(previous)
+                else "nothing was overwritten"
+            )
+            raise UserError(
+                f"cannot write checkpoint {path!r}: {exc.strerror or exc}; {kept}, no partial file was left "
+                "(free space / fix OUTPUT_DIR, then continue with --resume)"
+            ) from None
+
     def _load_model(self, checkpoint):
-        incompatible = super()._load_model(checkpoint)
+        state = checkpoint.get("model")
+        if not isinstance(state, dict) or not state:
+            got = "an empty dict" if isinstance(state, dict) else type(state).__name__
+            raise UserError(
+                f"{self._label} {self._source!r} holds no tensors ('model' is {got}); expected the "
+                "backbone weights written by `python -m convert` (or a Detectron2 .pth checkpoint)"
+            )
+        try:
+            incompatible = super()._load_model(checkpoint)
+        except ValueError as exc:  # fvcore: "Unsupported type found in checkpoint! <key>: <type>"
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            raise UserError(
+                f"{self._label} {self._source!r}: {first_line}; expected every value under 'model' to be a "
+                "numpy array or tensor"
+            ) from None
         skipped = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
         names = [k for k in self.model.state_dict() if not k.endswith("num_batches_tracked")]
         names = [k for k in names if k not in ("pixel_mean", "pixel_std")]

@@ -18,6 +18,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from detection.voc_validation import validate_voc_split
 from pretrain.errors import UserError
 
 VOC_LAYOUT = (
@@ -157,11 +158,13 @@ def _missing_voc_parts(dirname: str, split: str) -> list[str]:
     return [p for p in wanted if not os.path.exists(p)]
 
 
-def check_datasets(cfg: CfgNode, *, train: bool = True) -> None:
+def check_datasets(cfg: CfgNode, *, train: bool = True, contents: bool = True) -> None:
     """Fail early, with one readable error, when a dataset named by the config cannot be found.
 
     Checks DATASETS.TEST, and DATASETS.TRAIN when ``train``; also checks that the training classes
-    agree with MODEL.ROI_HEADS.NUM_CLASSES.
+    agree with MODEL.ROI_HEADS.NUM_CLASSES. With ``contents``, every VOC-format split is then read
+    through (annotations parsed, image headers opened; see :mod:`detection.voc_validation`), so
+    that bad data fails before training rather than at evaluation after it.
     """
     names = list(cfg.DATASETS.TEST) + (list(cfg.DATASETS.TRAIN) if train else [])
     registered = set(DatasetCatalog.list())
@@ -196,3 +199,11 @@ def check_datasets(cfg: CfgNode, *, train: bool = True) -> None:
                 f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but dataset "
                 f"{cfg.DATASETS.TRAIN[0]!r} has {len(classes)} classes"
             )
+    if contents:
+        for name in dict.fromkeys(names):
+            meta = MetadataCatalog.get(name)
+            if meta.get("dirname", None) is not None and meta.get("thing_classes", None) is not None:
+                try:
+                    validate_voc_split(meta.dirname, meta.split, meta.thing_classes)
+                except UserError as exc:
+                    raise UserError(f"dataset {name!r}: {exc}") from None

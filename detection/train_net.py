@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -32,8 +33,29 @@ from detection.trainer import Trainer
 from pretrain.errors import UserError, exit_on_user_error
 
 
-def build_config(args: argparse.Namespace) -> CfgNode:
-    """Resolve the config, register its custom datasets and check inputs before any heavy work."""
+def check_output_dir(path: str) -> None:
+    """OUTPUT_DIR must be (or become) a directory this process can create files in."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"OUTPUT_DIR {path!r} cannot be created ({exc.strerror or exc}); expected a writable directory path"
+        ) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+    except OSError as exc:
+        raise UserError(
+            f"OUTPUT_DIR {path!r} is not writable ({exc.strerror or exc}); expected a directory this user can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def build_config(args: argparse.Namespace, *, check_data: bool = True) -> CfgNode:
+    """Resolve the config, register its custom datasets and check inputs before any heavy work.
+
+    ``check_data`` reads every dataset split through (done once, in the launching process).
+    """
     cfg = load_detection_config(args.config_file, args.opts)
     register_custom_datasets(cfg)
     check_weights_path(cfg.MODEL.WEIGHTS)
@@ -58,13 +80,14 @@ def build_config(args: argparse.Namespace) -> CfgNode:
         )
     if args.num_gpus > 1 and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise UserError(f"--num-gpus {args.num_gpus} needs MODEL.DEVICE cuda (got {cfg.MODEL.DEVICE!r})")
-    check_datasets(cfg, train=not args.eval_only)
+    check_datasets(cfg, train=not args.eval_only, contents=check_data)
+    check_output_dir(cfg.OUTPUT_DIR)
     return cfg
 
 
 def main(args: argparse.Namespace):
     """One process's work (called once per GPU by ``launch``)."""
-    cfg = build_config(args)
+    cfg = build_config(args, check_data=False)  # run() checked the data before launching
     default_setup(cfg, args)
     # Detectron2 sets up its own loggers only; this project's (weights report, metrics.json) join them.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detection")

@@ -30,6 +30,19 @@ from pretrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+
+class _HideUserErrorTraceback(logging.Filter):
+    """Detectron2's training loop logs every exception with its traceback before re-raising it; a
+    :class:`UserError` (e.g. a checkpoint that cannot be written) is reported in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+_train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+if not any(isinstance(f, _HideUserErrorTraceback) for f in _train_loop_logger.filters):
+    _train_loop_logger.addFilter(_HideUserErrorTraceback())
+
 METRICS_FILE = "metrics.json"  # final evaluation numbers (one JSON object)
 TRAIN_LOG_FILE = "train_log.json"  # Detectron2's per-period training scalars (JSON lines)
 
