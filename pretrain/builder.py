@@ -30,6 +30,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     Emulates ``num_splits`` devices on one: sub-batch ``i`` is normalised exactly as a device holding
     only that slice would normalise it. Running statistics get the mean of the sub-batch statistics.
     A subclass of ``nn.BatchNorm2d`` so parameter/buffer names and eval behaviour are unchanged.
+
+    Training mode is one ``F.batch_norm`` call whatever ``num_splits`` (the splits become extra channels),
+    at the cost of two regrouping copies forward and two backward. Measured on a loaded 2-core CPU
+    (ResNet-18 BN shapes, batch 256, 8 splits): NCHW on par with a per-split loop; channels_last about 2x
+    slower than the loop on the largest map (256x64x16x16), on par on small ones.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs) -> None:
