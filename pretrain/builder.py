@@ -30,6 +30,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     Emulates ``num_splits`` devices on one: sub-batch ``i`` is normalised exactly as a device holding
     only that slice would normalise it. Running statistics get the mean of the sub-batch statistics.
     A subclass of ``nn.BatchNorm2d`` so parameter/buffer names and eval behaviour are unchanged.
+
+    Training mode is one ``F.batch_norm`` call whatever ``num_splits`` (the splits become extra channels),
+    at the cost of two regrouping copies forward and two backward. Measured on a loaded 2-core CPU
+    (ResNet-18 BN shapes, batch 256, 8 splits): NCHW on par with a per-split loop; channels_last about 2x
+    slower than the loop on the largest map (256x64x16x16), on par on small ones.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs) -> None:
@@ -42,33 +47,39 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         s = self.num_splits
-        if x.shape[0] % s != 0:
-            raise ValueError(f"batch of {x.shape[0]} is not divisible into {s} batch-norm splits")
+        n, c = x.shape[:2]
+        if n % s != 0:
+            raise ValueError(f"batch of {n} is not divisible into {s} batch-norm splits")
         factor = 0.0
+        means = variances = None
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            # One private copy of the running stats per split; F.batch_norm updates each in place.
-            means = self.running_mean.unsqueeze(0).repeat(s, 1)
-            variances = self.running_var.unsqueeze(0).repeat(s, 1)
-        outs = []
-        for i, chunk in enumerate(x.chunk(s)):
-            outs.append(
-                F.batch_norm(
-                    chunk,
-                    means[i] if self.track_running_stats else None,
-                    variances[i] if self.track_running_stats else None,
-                    self.weight,
-                    self.bias,
-                    True,
-                    factor,
-                    self.eps,
-                )
-            )
+            # One private copy of the running stats per split (split-major, like the channels below);
+            # F.batch_norm updates them in place.
+            means = self.running_mean.repeat(s)
+            variances = self.running_var.repeat(s)
+        weight = self.weight.repeat(s) if self.weight is not None else None
+        bias = self.bias.repeat(s) if self.bias is not None else None
+        # Split i (rows i*n/s .. (i+1)*n/s - 1) becomes channels i*c .. (i+1)*c - 1 of an n/s-sample batch:
+        # one batch_norm call normalises every split over its own rows, whatever the number of splits.
+        spatial = x.shape[2:]
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # NHWC memory: move the split axis next to C so that both copies stay NHWC and the output
+            # has the input's memory format, as the per-split batch norms concatenated had.
+            nhwc = x.permute(0, 2, 3, 1).reshape(s, n // s, *spatial, c).movedim(0, -2)
+            grouped = nhwc.reshape(n // s, *spatial, s * c).permute(0, 3, 1, 2)
+            y = F.batch_norm(grouped, means, variances, weight, bias, True, factor, self.eps)
+            y = y.permute(0, 2, 3, 1).reshape(n // s, *spatial, s, c).movedim(-2, 0)
+            out = y.reshape(n, *spatial, c).permute(0, 3, 1, 2)
+        else:
+            grouped = x.reshape(s, n // s, c, *spatial).transpose(0, 1).reshape(n // s, s * c, *spatial)
+            y = F.batch_norm(grouped, means, variances, weight, bias, True, factor, self.eps)
+            out = y.reshape(n // s, s, c, *spatial).transpose(0, 1).reshape(n, c, *spatial)
         if self.track_running_stats:
-            self.running_mean.copy_(means.mean(0))
-            self.running_var.copy_(variances.mean(0))
-        return torch.cat(outs)
+            self.running_mean.copy_(means.view(s, c).mean(0))
+            self.running_var.copy_(variances.view(s, c).mean(0))
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"
@@ -87,10 +98,16 @@ def build_encoder(arch: str, dim: int, mlp: bool, bn_splits: int = 1) -> nn.Modu
 
 
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
-    """InfoNCE logits ``[q.k+, q.queue] / T`` (N x (1+K)); the positive is at index 0."""
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-    l_neg = torch.einsum("nc,ck->nk", q, queue)
-    return torch.cat([l_pos, l_neg], dim=1) / T
+    """InfoNCE logits ``[q.k+, q.queue] / T`` (N x (1+K)); the positive is at index 0.
+
+    Always at least fp32, whatever autocast is active: half-precision inputs are cast up and autocast is
+    disabled here (bf16 einsums would round the similarities to ~3 significant digits).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, queue = _at_least_fp32(q), _at_least_fp32(k), _at_least_fp32(queue)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, queue)
+        return torch.cat([l_pos, l_neg], dim=1) / T
 
 
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -101,8 +118,15 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Features leave autocast in fp32, so normalisation, logits and the queue are full precision."""
+    """fp16/bf16 cast up to fp32; fp32 and fp64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _normalize_fp32(features: torch.Tensor) -> torch.Tensor:
+    """Unit-norm rows, computed in (at least) fp32 outside autocast: encoder features may leave a bf16
+    autocast region in bf16, but normalisation, logits, loss and the queue are full precision."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return F.normalize(_at_least_fp32(features), dim=1)
 
 
 class MoCo(nn.Module):
@@ -146,13 +170,17 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest ``len(keys)`` queue entries with ``keys`` (the whole global batch)."""
+        """Replace the oldest ``len(keys)`` queue entries with ``keys`` (the whole global batch).
+
+        No host sync: the pointer stays on the device and the columns are written with ``index_copy_``
+        (what the official ``queue[:, ptr : ptr + B] = keys.T`` writes, since ``K % B == 0``).
+        """
         batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)
         if self.K % batch_size != 0:
             raise ValueError(f"queue size K={self.K} is not a multiple of the global batch {batch_size}")
-        self.queue[:, ptr : ptr + batch_size] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
+        columns = (torch.arange(batch_size, device=self.queue_ptr.device) + self.queue_ptr) % self.K
+        self.queue.index_copy_(1, columns, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(batch_size).remainder_(self.K)
 
     @torch.no_grad()
     def _batch_shuffle(
@@ -162,7 +190,8 @@ class MoCo(nn.Module):
         x_all = dist_utils.all_gather_cat(x)
         n = x_all.shape[0]
         if dist_utils.get_rank() == 0:
-            idx_shuffle = torch.randperm(n, generator=generator).to(x.device)
+            # drawn on the host from the CPU generator (the seeded stream); the copy does not wait for the device
+            idx_shuffle = torch.randperm(n, generator=generator).to(x.device, non_blocking=True)
         else:
             idx_shuffle = torch.empty(n, dtype=torch.long, device=x.device)
         dist_utils.broadcast_(idx_shuffle, src=0)
@@ -188,12 +217,12 @@ class MoCo(nn.Module):
         ``generator`` (CPU, used on rank 0) draws the shuffle-BN permutation; pass one seeded per step
         for reproducible runs. The logits use the queue as it was before this batch's keys are enqueued.
         """
-        q = F.normalize(_at_least_fp32(self.encoder_q(im_q)), dim=1)
+        q = _normalize_fp32(self.encoder_q(im_q))
         with torch.no_grad():
             self._momentum_update_key_encoder()  # before the key forward, as the official code
             if self.shuffle_bn:
                 im_k, idx_unshuffle = self._batch_shuffle(im_k, generator)
-            k = F.normalize(_at_least_fp32(self.encoder_k(im_k)), dim=1)
+            k = _normalize_fp32(self.encoder_k(im_k))
             if self.shuffle_bn:
                 k = self._batch_unshuffle(k, idx_unshuffle)
         logits = contrastive_logits(q, k, self.queue.clone().detach(), self.T)

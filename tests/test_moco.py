@@ -180,3 +180,118 @@ def test_compiled_encoders_compute_the_same_steps(one_thread):
     for (name, a), b in zip(eager.state_dict().items(), comp.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9, msg=name)
     assert not torch.equal(eager.encoder_k.conv1.weight, torch.zeros_like(eager.encoder_k.conv1.weight))
+
+
+def loop_split_batchnorm(bn: SplitBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The reference: one F.batch_norm per contiguous sub-batch (what SplitBatchNorm2d computed before
+    it was vectorised), private running-stat copies averaged over the splits."""
+    s = bn.num_splits
+    factor, means, variances = 0.0, [None] * s, [None] * s
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        means = bn.running_mean.unsqueeze(0).repeat(s, 1)
+        variances = bn.running_var.unsqueeze(0).repeat(s, 1)
+    outs = [
+        F.batch_norm(chunk, means[i], variances[i], bn.weight, bn.bias, True, factor, bn.eps)
+        for i, chunk in enumerate(x.chunk(s))
+    ]
+    if bn.track_running_stats:
+        bn.running_mean.copy_(means.mean(0))
+        bn.running_var.copy_(variances.mean(0))
+    return torch.cat(outs)
+
+
+def split_bn_pair(
+    affine: bool, momentum: float | None, dtype: torch.dtype, channels: int = 3, splits: int = 4
+):
+    torch.manual_seed(2)
+    bn = SplitBatchNorm2d(channels, num_splits=splits, affine=affine, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    ref = SplitBatchNorm2d(channels, num_splits=splits, affine=affine, momentum=momentum).to(dtype)
+    ref.load_state_dict(bn.state_dict())
+    return bn, ref
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_vectorised_split_batchnorm_equals_the_per_split_loop(one_thread, affine, momentum, channels_last):
+    """Float64: outputs, input/weight/bias gradients and running stats over 3 training steps, then eval."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    bn, ref = split_bn_pair(affine, momentum, torch.float64)
+    for step in range(3):
+        x = (torch.randn(8, 3, 5, 4, dtype=torch.float64) * (step + 1) + step).contiguous(memory_format=fmt)
+        x_ref = x.detach().clone().requires_grad_()
+        x.requires_grad_()
+        out, out_ref = bn(x), loop_split_batchnorm(ref, x_ref)
+        # same memory format as the concatenated per-split outputs
+        assert out.stride() == out_ref.stride() and out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out_ref.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+        for name, p in bn.named_parameters():
+            torch.testing.assert_close(
+                p.grad, dict(ref.named_parameters())[name].grad, rtol=1e-12, atol=1e-12
+            )
+        for name, b in bn.named_buffers():
+            torch.testing.assert_close(b, dict(ref.named_buffers())[name], rtol=1e-12, atol=1e-12, msg=name)
+    assert bn.num_batches_tracked.item() == 3
+    bn.eval()
+    x = torch.randn(8, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=fmt)
+    torch.testing.assert_close(
+        bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias), rtol=0, atol=0
+    )
+
+
+def test_vectorised_split_batchnorm_without_running_stats_and_at_1x1(one_thread):
+    """track_running_stats=False (batch statistics only) and layer4's 1x1 maps at 32 px, both formats."""
+    for track, size in ((False, 4), (True, 1)):
+        bn = SplitBatchNorm2d(6, num_splits=2, track_running_stats=track).double()
+        ref = SplitBatchNorm2d(6, num_splits=2, track_running_stats=track).double()
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(8, 6, size, size, dtype=torch.float64).contiguous(memory_format=fmt)
+            out, out_ref = bn(x), loop_split_batchnorm(ref, x)
+            assert out.is_contiguous(memory_format=fmt) == out_ref.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+        if track:
+            torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_vectorised_split_batchnorm_fp32_within_rounding(one_thread):
+    """fp32: the two reduce the same 2x5x4 = 40 values per (split, channel) in possibly different orders.
+
+    Normalised outputs are O(1) and each of mean, variance and 1/sqrt rounds with relative error
+    ~ n * eps (eps = 2**-24, n = 40 summands): |diff| <= a few * 40 * 6e-8 * |x_hat| ~ 1e-5 at |x_hat| ~ 3."""
+    bn, ref = split_bn_pair(True, 0.1, torch.float32)
+    for _ in range(2):
+        x = torch.randn(8, 3, 5, 4) * 3 + 1
+        torch.testing.assert_close(bn(x), loop_split_batchnorm(ref, x), rtol=0, atol=2e-5)
+        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def official_enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, K: int) -> None:
+    """The official code's (and our former) slice assignment with the pointer read on the host."""
+    p = int(ptr)
+    queue[:, p : p + keys.shape[0]] = keys.T
+    ptr[0] = (p + keys.shape[0]) % K
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8, 16])
+def test_sync_free_enqueue_is_bit_identical_to_slice_assignment(batch):
+    model = tiny_moco(dim=5, K=16)
+    queue, ptr = model.queue.clone(), model.queue_ptr.clone()
+    for step in range(40 // batch + 3):  # wraps around at least twice
+        keys = F.normalize(torch.randn(batch, 5, generator=torch.Generator().manual_seed(step)), dim=1)
+        model._dequeue_and_enqueue(keys)
+        official_enqueue(queue, ptr, keys, 16)
+        assert torch.equal(model.queue, queue) and torch.equal(model.queue_ptr, ptr)
+        assert model.queue_ptr.dtype == torch.long and model.queue_ptr.shape == (1,)
