@@ -1,6 +1,6 @@
 """Full MoCo pretraining-step throughput (images/s): fp32 NCHW baseline against our defaults.
 
-Same model (``pretrain.builder.MoCo``), same initial weights, same batch; each step moves the two
+Same model (``pretrain.moco.MoCo``), same initial weights, same batch; each step moves the two
 views from host memory to the device, runs forward + InfoNCE loss + backward + SGD, as training does.
 
 * baseline: fp32, NCHW, ``torch.optim.SGD`` with its per-parameter loop (foreach=False), blocking copies
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bench.common import environment, print_json, print_table
-from pretrain.builder import MoCo
+from pretrain.moco import MoCo
 
 
 @dataclass(frozen=True)

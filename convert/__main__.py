@@ -15,7 +15,7 @@ from convert.converter import (
     to_torchvision,
 )
 from convert.mapping import ARCHS
-from pretrain.errors import exit_on_user_error
+from moco_d2.core.errors import exit_on_user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

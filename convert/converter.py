@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from convert.mapping import ARCHS, check_resnet_state, to_detectron2_names
-from pretrain.backbone import BackboneState, check_arch, load_resnet_state
-from pretrain.errors import UserError
+from moco_d2.core.backbone import BackboneState, check_arch, load_resnet_state
+from moco_d2.core.errors import UserError
 
 if TYPE_CHECKING:  # importing Detectron2 costs a second, so convert.validate is imported on demand
     from convert.validate import DetectorTarget, ValidationResult

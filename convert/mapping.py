@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torchvision
 
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 _STEM = re.compile(r"^(conv1|bn1)\.(\w+)$")
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")

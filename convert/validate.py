@@ -26,7 +26,7 @@ from torch import nn
 
 import detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the C4 ROI head the configs name)
 from convert.mapping import ARCHS, detectron2_model_key, torchvision_to_detectron2_key
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 # Model tensors that a backbone checkpoint cannot provide: they are trained from scratch.
 ALLOWED_UNMATCHED = {

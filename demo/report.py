@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demo.stages import fmt_seconds
-from pretrain.metrics import read_metrics
+from moco_d2.core.metrics import read_metrics
 
 if TYPE_CHECKING:
     from demo.run import Plan

@@ -27,7 +27,7 @@ from pathlib import Path
 from demo import data as demo_data
 from demo.fashion_mnist import CLASS_NAMES
 from demo.stages import Runner, Stage, detectron2_progress, epoch_progress, fmt_seconds, two_pass_progress
-from pretrain.errors import exit_on_user_error
+from moco_d2.core.errors import exit_on_user_error
 
 ROWS = ("random_init", "supervised", "moco_v1", "moco_v2")
 ROW_TITLES = {
@@ -93,14 +93,14 @@ def _python(*args: str) -> list[str]:
 
 
 def _pretrain_epochs(config_file: str) -> int:
-    from pretrain.config import load_config, pretrain_defaults
+    from moco_d2.core.config import load_config, pretrain_defaults
 
     return int(load_config(pretrain_defaults(), config_file).SOLVER.EPOCHS)
 
 
 def _lincls_epochs(config_file: str) -> int:
-    from pretrain.config import load_config
-    from pretrain.lincls import lincls_defaults
+    from moco_d2.core.config import load_config
+    from moco_d2.evaluation.lincls import lincls_defaults
 
     return int(load_config(lincls_defaults(), config_file).SOLVER.EPOCHS)
 
@@ -184,7 +184,7 @@ def build_stages(plan: Plan) -> list[Stage]:
             w / "supervised" / "results.json",
             argv=_python(
                 "-m",
-                "pretrain.lincls",
+                "moco_d2.evaluation.lincls",
                 "--config-file",
                 sup_cfg,
                 "DATA.ROOT",
@@ -219,7 +219,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 out / "knn_results.json",
                 argv=_python(
                     "-m",
-                    "pretrain.knn",
+                    "moco_d2.evaluation.knn",
                     "--config-file",
                     plan.config("knn"),
                     "MODEL.WEIGHTS",
@@ -243,7 +243,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 out / "results.json",
                 argv=_python(
                     "-m",
-                    "pretrain.lincls",
+                    "moco_d2.evaluation.lincls",
                     "--config-file",
                     lin_cfg,
                     "MODEL.WEIGHTS",
@@ -348,8 +348,8 @@ def _random_init(plan: Plan) -> None:
 
 def _raw_pixels(plan: Plan) -> None:
     from demo.baselines import raw_pixel_knn
-    from pretrain.config import load_config
-    from pretrain.knn import knn_defaults
+    from moco_d2.core.config import load_config
+    from moco_d2.evaluation.knn import knn_defaults
 
     knn = load_config(knn_defaults(), plan.config("knn")).KNN
     raw_pixel_knn(plan.data.imagefolder, knn.K, knn.T, plan.work / "raw_pixels" / "knn_results.json")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.backbone import load_resnet_state
-from pretrain.errors import UserError
+from moco_d2.core.backbone import load_resnet_state
+from moco_d2.core.errors import UserError
 
 
 class TransferCheckFailed(UserError):

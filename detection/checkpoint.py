@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

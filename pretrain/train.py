@@ -23,16 +23,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from pretrain import distributed as dist_utils
-from pretrain.augment import build_eval_transform, build_pretrain_transform
-from pretrain.builder import MoCo, topk_accuracy
-from pretrain.checkpoint import CheckpointManager, choose_resume, load_checkpoint, save_atomic
-from pretrain.config import default_argument_parser, load_config, pretrain_defaults
-from pretrain.data import BadImageTracker, EpochBatchSampler, PretrainDataset, SafeImageFolder, mix_seed
-from pretrain.distributed import DistInfo
-from pretrain.errors import UserError, exit_on_user_error
-from pretrain.gpu_augment import build_device_stage, normalize_on_device
-from pretrain.metrics import MetricWriter, progress, setup_logging
+from moco_d2.core import distributed as dist_utils
+from moco_d2.core.config import default_argument_parser, load_config, pretrain_defaults
+from moco_d2.core.distributed import DistInfo
+from moco_d2.core.errors import UserError, exit_on_user_error
+from moco_d2.core.images import SafeImageFolder, build_eval_transform, mix_seed
+from moco_d2.core.io import CheckpointManager, choose_resume, load_checkpoint, save_atomic
+from moco_d2.core.metrics import MetricWriter, progress, setup_logging
+from pretrain.augment import build_pretrain_transform
+from pretrain.augment.device import build_device_stage, normalize_on_device
+from pretrain.data import BadImageTracker, EpochBatchSampler, PretrainDataset
+from pretrain.moco import MoCo, topk_accuracy
 
 logger = logging.getLogger("moco")
 
@@ -274,7 +275,7 @@ class KnnMonitor:
     """Weighted kNN top-1 of the query encoder's pooled features, every KNN.EVAL_PERIOD epochs."""
 
     def __init__(self, cfg: CfgNode, device: torch.device) -> None:
-        from pretrain.knn import make_eval_loader
+        from moco_d2.evaluation.knn import make_eval_loader
 
         k = cfg.KNN
         tf = build_eval_transform(k.CROP_SIZE, k.RESIZE, cfg.AUG.MEAN, cfg.AUG.STD)
@@ -290,7 +291,7 @@ class KnnMonitor:
         self.num_classes, self.k, self.t, self.device = len(bank.classes), k.K, k.T, device
 
     def __call__(self, moco: MoCo) -> dict[str, float]:
-        from pretrain.knn import ResNetTrunk, knn_evaluate
+        from moco_d2.evaluation.knn import ResNetTrunk, knn_evaluate
 
         # Ranks keep their own BN running statistics; evaluate (and checkpoint) rank 0's everywhere.
         for buf in moco.encoder_q.buffers():
