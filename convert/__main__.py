@@ -14,7 +14,7 @@ from convert.converter import (
     to_detectron2,
     to_torchvision,
 )
-from convert.mapping import ARCHS
+from moco_d2.core.backbone import ARCHS
 from moco_d2.core.errors import exit_on_user_error
 
 

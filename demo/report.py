@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demo.stages import fmt_seconds
+from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import read_metrics
 
 if TYPE_CHECKING:
@@ -348,7 +349,5 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         ]
     md += [f"_Generated {time.strftime('%Y-%m-%d %H:%M')} by `python -m demo.run`._", ""]
     report = out_dir / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, report)
+    atomic_write(report, lambda f: f.write("\n".join(md).encode()), what="report")
     return report

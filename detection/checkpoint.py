@@ -17,17 +17,12 @@ from urllib.parse import urlparse
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from detection.weights import FRESH_PREFIXES
 from moco_d2.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # Heads that are never in pretrained backbone weights and are trained from scratch.
-FRESH_PREFIXES = (
-    "proposal_generator.",
-    "roi_heads.box_predictor.",
-    "roi_heads.mask_head.",
-    "roi_heads.res5.norm.",
-)
 
 
 @dataclass

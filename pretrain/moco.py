@@ -20,8 +20,7 @@ import torchvision
 from torch import nn
 
 from moco_d2.core import distributed as dist_utils
-
-RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from moco_d2.core.backbone import PRETRAIN_ARCHS as RESNET_ARCHS
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):

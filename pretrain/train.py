@@ -17,13 +17,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torchvision
 from fvcore.common.config import CfgNode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from moco_d2.core import distributed as dist_utils
+from moco_d2.core.backbone import check_pretrain_arch
 from moco_d2.core.config import default_argument_parser, load_config, pretrain_defaults
 from moco_d2.core.distributed import DistInfo
 from moco_d2.core.errors import UserError, exit_on_user_error
@@ -46,12 +46,6 @@ class NonFiniteLossError(UserError):
     """The loss became NaN/inf: the run stops before the optimizer step; checkpoints stay intact."""
 
 
-def resnet_archs() -> list[str]:
-    """Every torchvision ResNet constructor (resnet*, resnext*, wide_resnet*)."""
-    names = torchvision.models.resnet.__all__
-    return [n for n in names if n.islower() and n.startswith(("resnet", "resnext", "wide_resnet"))]
-
-
 def bn_splits_for(cfg: CfgNode, world_size: int) -> int:
     """Batch-norm groups per process: one per process on many, MODEL.BN_SPLITS emulated devices on one."""
     return 1 if world_size > 1 else int(cfg.MODEL.BN_SPLITS)
@@ -59,10 +53,7 @@ def bn_splits_for(cfg: CfgNode, world_size: int) -> int:
 
 def check_config(cfg: CfgNode, world_size: int) -> None:
     """Reject impossible settings up front, in one line each."""
-    if cfg.MODEL.ARCH not in resnet_archs():
-        raise UserError(
-            f"MODEL.ARCH {cfg.MODEL.ARCH!r} is not a torchvision ResNet ({', '.join(resnet_archs())})"
-        )
+    check_pretrain_arch(cfg.MODEL.ARCH)
     batch, k = int(cfg.SOLVER.BATCH_SIZE), int(cfg.MODEL.K)
     if batch <= 0 or batch % world_size:
         raise UserError(

@@ -17,18 +17,81 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torchvision
 
 from moco_d2.core.errors import UserError
 from moco_d2.core.io import load_checkpoint
 
-# (block type, blocks per stage) -> torchvision constructor name, for the stock widths.
-_ARCHS = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("bottleneck", (3, 8, 36, 3)): "resnet152",
+STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One torchvision ResNet: what Detectron2's ResNet config needs to rebuild it, and its structure."""
+
+    depth: int
+    num_groups: int = 1
+    width_per_group: int = 64
+
+    @property
+    def basic_block(self) -> bool:
+        return self.depth in (18, 34)
+
+    @property
+    def block(self) -> str:
+        return "basic" if self.basic_block else "bottleneck"
+
+    @property
+    def stage_blocks(self) -> tuple[int, int, int, int]:
+        return STAGE_BLOCKS[self.depth]
+
+    @property
+    def res2_width(self) -> int:
+        """Output channels of the first block's 3x3 conv (groups x width per group)."""
+        return self.num_groups * self.width_per_group
+
+    @property
+    def res2_out_channels(self) -> int:
+        # BasicBlock stages keep 64 channels in res2; Bottleneck stages expand them 4x.
+        return 64 if self.basic_block else 256
+
+    @property
+    def stock(self) -> bool:
+        """Plain ResNet widths (no groups, no widening): the encoders MoCo pretraining builds."""
+        return self.num_groups == 1 and self.width_per_group == 64
+
+
+# THE architecture table: torchvision constructor name -> structure. Everything else derives from it.
+ARCHS: dict[str, ArchSpec] = {
+    "resnet18": ArchSpec(18),
+    "resnet34": ArchSpec(34),
+    "resnet50": ArchSpec(50),
+    "resnet101": ArchSpec(101),
+    "resnet152": ArchSpec(152),
+    "resnext50_32x4d": ArchSpec(50, num_groups=32, width_per_group=4),
+    "resnext101_32x8d": ArchSpec(101, num_groups=32, width_per_group=8),
+    "wide_resnet50_2": ArchSpec(50, width_per_group=128),
+    "wide_resnet101_2": ArchSpec(101, width_per_group=128),
 }
+PRETRAIN_ARCHS = tuple(name for name, spec in ARCHS.items() if spec.stock)
+
+
+def check_pretrain_arch(arch: str, key: str = "MODEL.ARCH") -> None:
+    """One-line UserError unless MoCo pretraining can build ``arch``."""
+    if arch not in PRETRAIN_ARCHS:
+        raise UserError(
+            f"{key} {arch!r} is not supported for pretraining; expected one of {', '.join(PRETRAIN_ARCHS)}"
+        )
+
+
+def reference_shapes(arch: str) -> dict[str, torch.Size]:
+    """Tensor shapes of torchvision's ``arch`` without its classifier (built on the meta device: no memory)."""
+    if arch not in ARCHS:
+        raise UserError(f"unsupported architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)()
+    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
 
 SOURCE_MOCO_OURS = "MoCo pretraining checkpoint (this project)"
 SOURCE_MOCO_OFFICIAL = "MoCo pretraining checkpoint (official format)"
@@ -107,21 +170,14 @@ def infer_resnet_arch(sd: dict[str, torch.Tensor]) -> str | None:
         idx = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         counts.append(len(idx))
     block = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
-    name = _ARCHS.get((block, tuple(counts)))
-    if name is None or block == "basic":
-        return name
+    candidates = [n for n, a in ARCHS.items() if (a.block, a.stage_blocks) == (block, tuple(counts))]
+    if block == "basic" or not candidates:
+        return candidates[0] if candidates else None
     conv2 = sd["layer1.0.conv2.weight"]
-    width = conv2.shape[0]
-    groups = width // conv2.shape[1]
-    if groups == 1 and width == 64:
-        return name
-    if groups == 1 and width == 128 and name in ("resnet50", "resnet101"):
-        return f"wide_{name}_2"
-    if groups == 32 and name == "resnet50" and width == 128:
-        return "resnext50_32x4d"
-    if groups == 32 and name == "resnet101" and width == 256:
-        return "resnext101_32x8d"
-    return None
+    width, groups = conv2.shape[0], conv2.shape[0] // conv2.shape[1]
+    return next(
+        (n for n in candidates if (ARCHS[n].num_groups, ARCHS[n].res2_width) == (groups, width)), None
+    )
 
 
 def check_arch(state: BackboneState, expected: str, name: str = "checkpoint") -> None:

@@ -7,8 +7,9 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -28,44 +29,64 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike, **dump_options: Any) -> Path:
-    """JSON (indented) into a temp file beside ``path``, fsync, then a rename: readers (and a crash) never
-    see half a file. ``dump_options`` go to ``json.dump`` (e.g. ``allow_nan=False``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, **dump_options)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` into a temp file beside ``path``, fsync, then rename over it.
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[BinaryIO], None],
+    what: str = "file",
+    check: Callable[[Path], None] | None = None,
+    suffix: str = ".tmp",
+) -> Path:
+    """The one atomic writer: ``write`` fills a temp file beside ``path``, it is fsynced, ``check``-ed, given
+    the usual permissions (``0o666 & ~umask``; mkstemp creates 0600) and renamed over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a torn write.
+    A crash at any moment leaves either the old file or the new one, never a torn write; a failure
+    (or a ``check`` that raises) leaves no temp file behind. OS errors are one-line UserErrors.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as exc:
-        raise UserError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise UserError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
+        if check is not None:
+            check(tmp)
+        try:
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise UserError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
         _fsync_dir(path.parent)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, **dump_options: Any) -> Path:
+    """JSON (indented, newline-terminated), written atomically. ``dump_options`` go to ``json.dumps``
+    (e.g. ``allow_nan=False``)."""
+    text = json.dumps(obj, indent=2, **dump_options) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()), what="file")
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save``, written atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from moco_d2.core.errors import UserError, exit_on_user_error
+from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import read_metrics
 
 SKIP = {"step", "time", "train/epoch", "val/epoch"}  # axes and bookkeeping, not curves
@@ -70,11 +71,8 @@ def plot_runs(run_dirs: list[str], out: str | Path) -> list[str]:
         ax.axis("off")
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"), what="plot")
     plt.close(fig)
-    tmp.replace(out)
     return keys
 
 

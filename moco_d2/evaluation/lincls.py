@@ -19,9 +19,7 @@ import inspect
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from moco_d2.core.backbone import BackboneState, load_resnet_state
+from moco_d2.core.backbone import ARCHS, BackboneState, load_resnet_state
 from moco_d2.core.config import default_argument_parser, load_config
 from moco_d2.core.distributed import (
     DistInfo,
@@ -52,7 +50,7 @@ from moco_d2.core.images import (
     labelled_split_pair,
     mix_seed,
 )
-from moco_d2.core.io import CheckpointManager, choose_resume, load_checkpoint, write_json_atomic
+from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, write_json_atomic
 from moco_d2.core.metrics import AverageMeter, MetricWriter, progress, setup_logging
 from moco_d2.evaluation.knn import make_eval_loader, topk_correct
 
@@ -142,8 +140,8 @@ def build_model(
     Returns (model, pretrained backbone state or None, description of the weights' source).
     """
     arch = cfg.MODEL.ARCH
-    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
-        raise UserError(f"MODEL.ARCH: {arch!r} is not a torchvision ResNet (e.g. resnet18, resnet50)")
+    if arch not in ARCHS:
+        raise UserError(f"MODEL.ARCH: {arch!r} is not a torchvision ResNet ({', '.join(ARCHS)})")
     if state is None:
         state = load_pretrained(cfg)
     model = getattr(torchvision.models, arch)(num_classes=num_classes)
@@ -216,14 +214,8 @@ def _unprefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _publish(src: Path, dst: Path) -> None:
-    """Atomically make ``dst`` a copy of the checkpoint ``src`` (a hard link when the filesystem allows)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Atomically make ``dst`` a copy of the checkpoint ``src``."""
+    atomic_write(dst, lambda f: f.write(src.read_bytes()), what="checkpoint")
 
 
 def _check_cfg(cfg: CfgNode, world_size: int) -> None:
