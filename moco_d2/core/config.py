@@ -13,9 +13,7 @@ import yaml
 from fvcore.common.config import CfgNode
 
 from moco_d2.core.errors import UserError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 def pretrain_defaults() -> CfgNode:
