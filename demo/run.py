@@ -21,67 +21,12 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from demo import data as demo_data
-from demo.fashion_mnist import CLASS_NAMES
+from demo.plan import CONFIG_DIRS, ROW_TITLES, ROWS, Plan
 from demo.stages import Runner, Stage, detectron2_progress, epoch_progress, fmt_seconds, two_pass_progress
 from moco_d2.core.errors import exit_on_user_error
-
-ROWS = ("random_init", "supervised", "moco_v1", "moco_v2")
-ROW_TITLES = {
-    "random_init": "random init",
-    "supervised": "supervised",
-    "moco_v1": "MoCo v1",
-    "moco_v2": "MoCo v2",
-}
-CONFIG_DIRS = {
-    "full": Path("configs/demo"),
-    "quick": Path("configs/demo/quick"),
-    "smoke": Path("configs/demo/smoke"),
-}
-# The VOC root written in configs/demo/voc_c4.yaml; other data roots are passed on the command line.
-CONFIG_VOC_ROOT = Path("datasets/demo/voc")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where everything of one demo run lives."""
-
-    preset: str
-    seed: int
-    data: demo_data.DemoData
-    work: Path
-    report_dir: Path
-
-    def config(self, name: str) -> str:
-        return str(CONFIG_DIRS[self.preset] / f"{name}.yaml")
-
-    def backbone(self, row: str) -> Path:
-        """The checkpoint each table row evaluates (formats every tool reads)."""
-        return {
-            "random_init": self.work / "random_init" / "resnet18_random_init.pth",
-            "supervised": self.work / "supervised" / "model_final.pth",
-            "moco_v1": self.work / "pretrain" / "moco_v1" / "model_final.pth",
-            "moco_v2": self.work / "pretrain" / "moco_v2" / "model_final.pth",
-        }[row]
-
-    def detection_opts(self) -> list[str]:
-        """Overrides every detection command (and the checks that rebuild its model) shares."""
-        opts = ["SEED", str(self.seed)]
-        if self.data.voc.resolve() != CONFIG_VOC_ROOT.resolve():
-            custom = [
-                {
-                    "name": f"fmnist_scenes_{split}",
-                    "root": str(self.data.voc),
-                    "split": split,
-                    "classes": list(CLASS_NAMES),
-                }
-                for split in ("trainval", "test")
-            ]
-            opts += ["DATASETS.VOC_CUSTOM", json.dumps(custom)]  # a valid Python literal for yacs
-        return opts
 
 
 def _json(path: Path) -> dict:
