@@ -263,6 +263,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n}
 
 
+# Long (186 lines) pending the shared epoch-loop refactor (issue 15, point d): resume, per-epoch train/eval,
+# checkpoint publish and the stop protocol are one sequence whose order the resume-exactness tests pin.
 def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
     """Run the whole schedule (resuming if asked); returns the results dict written to results.json."""
     device = dist_info.device
