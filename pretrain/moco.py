@@ -21,6 +21,7 @@ from torch import nn
 
 from moco_d2.core import distributed as dist_utils
 from moco_d2.core.backbone import PRETRAIN_ARCHS as RESNET_ARCHS
+from moco_d2.evaluation.knn import topk_correct
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -94,9 +95,7 @@ def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T:
 
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
     """Percentage of rows whose target is among the top-k logits, one entry per k (no host sync)."""
-    maxk = min(max(ks), logits.shape[1])
-    hit = logits.topk(maxk, dim=1).indices.eq(target.unsqueeze(1))
-    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).float().mean() * 100.0 for k in ks])
+    return topk_correct(logits, target, ks).mean(dim=0) * 100.0
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
