@@ -80,7 +80,7 @@ def check_pretrain_arch(arch: str, key: str = "MODEL.ARCH") -> None:
     """One-line UserError unless MoCo pretraining can build ``arch``."""
     if arch not in PRETRAIN_ARCHS:
         raise UserError(
-            f"{key} {arch!r} is not supported for pretraining; expected one of {', '.join(PRETRAIN_ARCHS)}"
+            f"{key} {arch!r} is not a torchvision ResNet that pretraining builds ({', '.join(PRETRAIN_ARCHS)})"
         )
 
 

@@ -288,7 +288,9 @@ class Recorder:
             self.log["blur"].append(radius)
             return blur(radius)
 
-        monkeypatch.setattr("pretrain.augment.reference.ImageFilter", SimpleNamespace(GaussianBlur=blur_filter))
+        monkeypatch.setattr(
+            "pretrain.augment.reference.ImageFilter", SimpleNamespace(GaussianBlur=blur_filter)
+        )
         monkeypatch.setattr(FA, "to_grayscale", spy("gray", FA.to_grayscale))
         monkeypatch.setattr(FA, "hflip", spy("flip", FA.hflip))
         monkeypatch.setattr(FA, "gaussian_blur", spy("blur", FA.gaussian_blur, lambda x, s: s))
