@@ -17,14 +17,14 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 DATA ?= datasets/imagenet
 OPTS ?=
-TORCHRUN = $(PY) -m pretrain.launch --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
+TORCHRUN = $(PY) -m moco_d2.core.launch --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
 	--node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
 .PHONY: install test test-matrix lint pretrain lincls knn convert voc demo demo-data plot bench bench-gpu clean-venv
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip<26" 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -m pip install -q -r requirements.txt 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
@@ -35,7 +35,8 @@ $(STAMP): requirements.txt
 	else \
 	  $(PY) -m pip install -q --no-build-isolation "$(D2_SPEC)"; \
 	fi
-	$(PY) -c "import torch, torchvision, detectron2, pkg_resources; print('env ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	cd / && $(abspath $(PY)) -c "import torch, torchvision, detectron2, pkg_resources, moco_d2.core, pretrain.train; print('env ok: torch', torch.__version__, 'detectron2', detectron2.__version__)"
 	@touch $(STAMP)
 
 clean-venv:
@@ -60,12 +61,12 @@ LINCLS_CONFIG ?= configs/lincls/lincls_in1k.yaml
 LINCLS_OUTPUT ?= output/lincls
 lincls: $(STAMP)
 	@test -n "$(CKPT)" || { echo "usage: make lincls CKPT=path/to/checkpoint.pth DATA=/path/to/imagenet [NGPUS=8]"; exit 2; }
-	$(TORCHRUN) -m pretrain.lincls --config-file $(LINCLS_CONFIG) MODEL.WEIGHTS $(CKPT) DATA.ROOT $(DATA) OUTPUT_DIR $(LINCLS_OUTPUT) $(OPTS)
+	$(TORCHRUN) -m moco_d2.evaluation.lincls --config-file $(LINCLS_CONFIG) MODEL.WEIGHTS $(CKPT) DATA.ROOT $(DATA) OUTPUT_DIR $(LINCLS_OUTPUT) $(OPTS)
 
 KNN_CONFIG ?= configs/lincls/knn_in1k.yaml
 knn: $(STAMP)
 	@test -n "$(CKPT)" || { echo "usage: make knn CKPT=path/to/checkpoint.pth DATA=/path/to/imagenet [NGPUS=8]"; exit 2; }
-	$(TORCHRUN) -m pretrain.knn --config-file $(KNN_CONFIG) MODEL.WEIGHTS $(CKPT) DATA.ROOT $(DATA) $(OPTS)
+	$(TORCHRUN) -m moco_d2.evaluation.knn --config-file $(KNN_CONFIG) MODEL.WEIGHTS $(CKPT) DATA.ROOT $(DATA) $(OPTS)
 
 convert: $(STAMP)
 	@test -n "$(CKPT)" || { echo "usage: make convert CKPT=path/to/checkpoint.pth [OUT=path.pkl]"; exit 2; }
@@ -86,7 +87,7 @@ demo: $(STAMP)
 
 RUNS ?= $(OUTPUT)
 plot: $(STAMP)  # curves of one or more runs: make plot RUNS="output/pretrain output/moco800"
-	$(PY) -m pretrain.plot $(RUNS)
+	$(PY) -m moco_d2.core.plot $(RUNS)
 
 bench: $(STAMP)
 	$(PY) -m bench.bench_augment --images 64 --rounds 5

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from bench.common import environment, make_jpegs, print_json, print_table, timed_rounds
-from pretrain.augment import TwoCropsTransform, mocov1_reference, mocov2_reference
-from pretrain.gpu_augment import GPUAugment
+from pretrain.augment.device import GPUAugment
+from pretrain.augment.reference import TwoCropsTransform, mocov1_reference, mocov2_reference
 
 
 def load(path: Path) -> Image.Image:
@@ -56,7 +56,7 @@ def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]],
     """Per-core images/s of each CPU pipeline, interleaved rounds on the same JPEG files."""
     import cv2
 
-    from pretrain.fast_augment import CropFlipTwoView, FastTwoViewTransform
+    from pretrain.augment.fast import CropFlipTwoView, FastTwoViewTransform
 
     torch.set_num_threads(1)  # per core: one process, one thread, as one loader worker
     cv2.setNumThreads(1)

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 
 from bench.bench_step import BASELINE, build, our_mode, step
 from bench.common import environment, make_jpegs, print_json, print_table
+from moco_d2.core.images import SafeImageFolder
 from pretrain.augment import build_pretrain_transform
-from pretrain.data import EpochBatchSampler, PretrainDataset, SafeImageFolder
-from pretrain.gpu_augment import build_device_stage, normalize_on_device
+from pretrain.augment.device import build_device_stage, normalize_on_device
+from pretrain.data import EpochBatchSampler, PretrainDataset
 
 
 def make_device_step(aug: SimpleNamespace, args, on_device: bool):

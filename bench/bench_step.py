@@ -1,6 +1,6 @@
 """Full MoCo pretraining-step throughput (images/s): fp32 NCHW baseline against our defaults.
 
-Same model (``pretrain.builder.MoCo``), same initial weights, same batch; each step moves the two
+Same model (``pretrain.moco.MoCo``), same initial weights, same batch; each step moves the two
 views from host memory to the device, runs forward + InfoNCE loss + backward + SGD, as training does.
 
 * baseline: fp32, NCHW, ``torch.optim.SGD`` with its per-parameter loop (foreach=False), blocking copies
@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from bench.common import environment, print_json, print_table
-from pretrain.builder import MoCo
+from pretrain.moco import MoCo
+from pretrain.train import train_step
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,12 @@ def step(
     mode: StepMode,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """One training step from host tensors; returns the loss (on the device, no sync)."""
+    """One training step from host tensors: the copy to the device, then ``pretrain.train.train_step``
+    itself (the trainer's step: forward, loss, top-k, finiteness check, update); returns the loss."""
     fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
     im_q = im_q.to(device, non_blocking=mode.pinned_non_blocking).contiguous(memory_format=fmt)
     im_k = im_k.to(device, non_blocking=mode.pinned_non_blocking).contiguous(memory_format=fmt)
-    autocast = torch.autocast(device.type, dtype=mode.amp_dtype) if mode.amp_dtype else nullcontext()
-    with autocast:
-        logits, labels = model(im_q, im_k, generator)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    return train_step(model, optimizer, im_q, im_k, generator, amp_dtype=mode.amp_dtype)[0]
 
 
 class Runner:

@@ -14,8 +14,8 @@ from convert.converter import (
     to_detectron2,
     to_torchvision,
 )
-from convert.mapping import ARCHS
-from pretrain.errors import exit_on_user_error
+from moco_d2.core.backbone import ARCHS
+from moco_d2.core.errors import exit_on_user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,10 +6,8 @@ place: a failed conversion or validation never leaves a file that looks usable.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +16,10 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
-from convert.mapping import ARCHS, check_resnet_state, to_detectron2_names
-from pretrain.backbone import BackboneState, check_arch, load_resnet_state
-from pretrain.errors import UserError
+from convert.mapping import check_resnet_state, to_detectron2_names
+from moco_d2.core.backbone import ARCHS, BackboneState, check_arch, load_resnet_state
+from moco_d2.core.errors import UserError
+from moco_d2.core.io import atomic_write
 
 if TYPE_CHECKING:  # importing Detectron2 costs a second, so convert.validate is imported on demand
     from convert.validate import DetectorTarget, ValidationResult
@@ -86,12 +85,6 @@ def _to_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
         ) from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _check_out_path(src: Path, out: Path) -> None:
     if out.exists() and out.resolve() == src.resolve():
         raise UserError(f"output {str(out)!r} is the input checkpoint; choose another output path")
@@ -106,37 +99,20 @@ def _write_validated(
     check: Callable[[Path], ValidationResult] | None,
 ) -> ValidationResult | None:
     """Write to a temp file named ``*{suffix}`` beside ``out``, validate it, then rename it to ``out``."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write output {str(out)!r}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise UserError(f"cannot write output {str(out)!r}: {exc.strerror or exc}") from None
-        result = check(tmp) if check is not None else None
-        if result is not None and not result.ok:
+    results: list[ValidationResult] = []
+
+    def validate(tmp: Path) -> None:
+        result = check(tmp)
+        results.append(result)
+        if not result.ok:
             raise ValidationError(
                 f"{str(out)!r} failed validation against {result.target} ({len(result.problems)} problems, "
                 f"first: {result.problems[0]}); nothing was written",
                 result,
             )
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-            os.replace(tmp, out)
-        except OSError as exc:
-            raise UserError(f"cannot write output {str(out)!r}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return result
+
+    atomic_write(out, write, what="output", check=validate if check is not None else None, suffix=suffix)
+    return results[0] if results else None
 
 
 def to_detectron2(

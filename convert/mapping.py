@@ -16,46 +16,14 @@ The rules only touch names, so they hold for BasicBlock (ResNet-18/34) and Bottl
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
-import torchvision
 
-from pretrain.errors import UserError
+from moco_d2.core.backbone import reference_shapes
+from moco_d2.core.errors import UserError
 
 _STEM = re.compile(r"^(conv1|bn1)\.(\w+)$")
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What Detectron2's ResNet config needs to rebuild a torchvision architecture."""
-
-    depth: int
-    num_groups: int = 1
-    width_per_group: int = 64
-
-    @property
-    def basic_block(self) -> bool:
-        return self.depth in (18, 34)
-
-    @property
-    def res2_out_channels(self) -> int:
-        # BasicBlock stages keep 64 channels in res2; Bottleneck stages expand them 4x.
-        return 64 if self.basic_block else 256
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "resnet18": ArchSpec(18),
-    "resnet34": ArchSpec(34),
-    "resnet50": ArchSpec(50),
-    "resnet101": ArchSpec(101),
-    "resnet152": ArchSpec(152),
-    "resnext50_32x4d": ArchSpec(50, num_groups=32, width_per_group=4),
-    "resnext101_32x8d": ArchSpec(101, num_groups=32, width_per_group=8),
-    "wide_resnet50_2": ArchSpec(50, width_per_group=128),
-    "wide_resnet101_2": ArchSpec(101, width_per_group=128),
-}
 
 
 def torchvision_to_detectron2_key(name: str) -> str | None:
@@ -83,15 +51,6 @@ def torchvision_to_detectron2_key(name: str) -> str | None:
 def detectron2_model_key(d2_key: str) -> str:
     """Where a converted key must end up in Detectron2's C4 model: res5 is the ROI head's, the rest the backbone's."""
     return f"roi_heads.{d2_key}" if d2_key.startswith("res5.") else f"backbone.{d2_key}"
-
-
-def reference_shapes(arch: str) -> dict[str, torch.Size]:
-    """Tensor shapes of torchvision's ``arch`` without its classifier (built on the meta device: no memory)."""
-    if arch not in ARCHS:
-        raise UserError(f"unsupported architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    with torch.device("meta"):
-        model = getattr(torchvision.models, arch)()
-    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
 def check_resnet_state(state_dict: dict[str, torch.Tensor], arch: str, where: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,16 +24,10 @@ from detectron2.modeling import build_model
 from torch import nn
 
 import detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the C4 ROI head the configs name)
-from convert.mapping import ARCHS, detectron2_model_key, torchvision_to_detectron2_key
-from pretrain.errors import UserError
-
-# Model tensors that a backbone checkpoint cannot provide: they are trained from scratch.
-ALLOWED_UNMATCHED = {
-    "RPN": re.compile(r"^proposal_generator\."),
-    "box predictor": re.compile(r"^roi_heads\.box_predictor\."),
-    "res5 extra norm": re.compile(r"^roi_heads\.res5\.norm\."),
-    "BN step counters": re.compile(r"\.num_batches_tracked$"),
-}
+from convert.mapping import detectron2_model_key, torchvision_to_detectron2_key
+from detection.weights import fresh_category
+from moco_d2.core.backbone import ARCHS
+from moco_d2.core.errors import UserError
 
 
 @dataclass
@@ -153,13 +146,6 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _unmatched_category(model_key: str) -> str | None:
-    for name, pattern in ALLOWED_UNMATCHED.items():
-        if pattern.search(model_key):
-            return name
-    return None
-
-
 def validate_detectron2(
     path: str | os.PathLike, source: dict[str, torch.Tensor], arch: str, target: DetectorTarget
 ) -> ValidationResult:
@@ -215,7 +201,7 @@ def validate_detectron2(
     for model_key in model_state:
         if model_key in loaded:
             continue
-        category = _unmatched_category(model_key)
+        category = fresh_category(model_key)
         if category is None:
             result.problems.append(f"model tensor {model_key} received no pretrained weights")
         else:
@@ -238,7 +224,7 @@ def validate_torchvision(
     model = getattr(torchvision.models, arch)()
     incompatible = model.load_state_dict(state, strict=False)
     for key in incompatible.missing_keys:
-        category = "classifier (fc)" if key.startswith("fc.") else _unmatched_category(key)
+        category = "classifier (fc)" if key.startswith("fc.") else fresh_category(key)
         if category is None:
             result.problems.append(f"model tensor {key} received no weights")
         else:

@@ -10,8 +10,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from pretrain.checkpoint import save_atomic
-from pretrain.knn import knn_class_scores
+from moco_d2.core.io import save_atomic
+from moco_d2.evaluation.knn import knn_class_scores
 
 
 def write_random_init(path: Path, arch: str, seed: int) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from demo.fashion_mnist import CLASS_NAMES, DEFAULT_DIR, load_split
-from pretrain.errors import UserError, exit_on_user_error
+from moco_d2.core.errors import UserError, exit_on_user_error
 
 FORMAT_VERSION = 1
 # A resized item pixel at or above this grey level belongs to the item (Fashion-MNIST items sit

@@ -17,9 +17,9 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from pretrain.augment import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.backbone import load_resnet_state
-from pretrain.checkpoint import write_json_atomic
+from moco_d2.core.backbone import load_resnet_state
+from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD
+from moco_d2.core.io import write_json_atomic
 
 STAGES = {"layer3": "res4", "layer4": "res5"}  # torchvision ResNet modules -> Detectron2 names
 

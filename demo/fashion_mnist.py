@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from demo.plan import ROW_TITLES, ROWS, Plan
 from demo.stages import fmt_seconds
-from pretrain.metrics import read_metrics
+from moco_d2.core.io import atomic_write
+from moco_d2.core.metrics import read_metrics
 
 if TYPE_CHECKING:
-    from demo.run import Plan
     from demo.stages import Stage
 
 COLUMNS = ("kNN top-1", "linear top-1", "AP50", "AP", "AP75")
@@ -57,7 +58,6 @@ def _load(path: Path) -> dict | None:
 
 def collect_table(plan: Plan) -> dict[str, dict[str, float | None]]:
     """The measured table: row -> column -> value (None when the stage has no output)."""
-    from demo.run import ROWS
 
     w = plan.work
     table = {}
@@ -126,8 +126,6 @@ def _plot_ap(table: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from demo.run import ROW_TITLES
-
     rows = list(table)
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     width = 0.27
@@ -146,7 +144,6 @@ def _plot_ap(table: dict, out: Path) -> None:
 
 def _findings(table: dict, raw_knn: float | None) -> list[str]:
     """Plain statements of what the numbers say, including where MoCo v2 does not win."""
-    from demo.run import ROW_TITLES
 
     lines = []
     v2, rnd = table["moco_v2"], table["random_init"]
@@ -180,7 +177,6 @@ def _findings(table: dict, raw_knn: float | None) -> list[str]:
 
 def _rank_section(ranks: dict | None, table: dict) -> list[str]:
     """The feature-rank table and what it says about transfer (nothing when the stage did not run)."""
-    from demo.run import ROW_TITLES
 
     if not ranks:
         return []
@@ -218,11 +214,10 @@ def _rank_section(ranks: dict | None, table: dict) -> list[str]:
     return md
 
 
+# Long (130 lines): the report's sections in reading order, one markdown block each.
 def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elapsed: float) -> Path:
     """Write ``plan.report_dir/report.md`` and its plots; returns the report's path."""
     import torch
-
-    from demo.run import ROW_TITLES
 
     out_dir = plan.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,7 +343,5 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         ]
     md += [f"_Generated {time.strftime('%Y-%m-%d %H:%M')} by `python -m demo.run`._", ""]
     report = out_dir / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, report)
+    atomic_write(report, lambda f: f.write("\n".join(md).encode()), what="report")
     return report

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.checkpoint import write_json_atomic
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
+from moco_d2.core.io import write_json_atomic
 
 # Fraction of a stage done, read from the tail of its log; None when the log says nothing yet.
 ProgressFn = Callable[[str], float | None]
@@ -63,7 +63,7 @@ _BAR = re.compile(r"epoch (\d+) (\d+)/(\d+) \(")
 
 
 def epoch_progress(epochs: int, first_epoch: int) -> ProgressFn:
-    """``pretrain.metrics.progress`` lines ("epoch E n/N (x it/s)"); epochs numbered from first_epoch."""
+    """``moco_d2.core.metrics.progress`` lines ("epoch E n/N (x it/s)"); epochs numbered from first_epoch."""
 
     def parse(log: str) -> float | None:
         hits = _BAR.findall(log)

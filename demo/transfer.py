@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.backbone import load_resnet_state
-from pretrain.errors import UserError
+from detection.weights import fresh_category
+from moco_d2.core.backbone import load_resnet_state
+from moco_d2.core.errors import UserError
 
 
 class TransferCheckFailed(UserError):
@@ -53,10 +54,8 @@ def detectron2_name(tv_key: str) -> str:
 
 
 def is_pretrainable(d2_key: str) -> bool:
-    """Detector tensors that a pretrained ResNet must provide (not res5's extra norm, not heads)."""
-    if d2_key.endswith("num_batches_tracked"):
-        return False
-    return d2_key.startswith("backbone.") or re.match(r"^roi_heads\.res5\.\d+\.", d2_key) is not None
+    """Detector tensors that a pretrained ResNet must provide: all but the fresh heads and BN counters."""
+    return fresh_category(d2_key) is None
 
 
 def check_transfer(

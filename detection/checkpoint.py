@@ -22,17 +22,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from detection.safe_load import load_restricted_pickle, load_torch_weights, refuse, refused_global
-from pretrain.errors import UserError
+from detection.weights import FRESH_PREFIXES
+from moco_d2.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # Heads that are never in pretrained backbone weights and are trained from scratch.
-FRESH_PREFIXES = (
-    "proposal_generator.",
-    "roi_heads.box_predictor.",
-    "roi_heads.mask_head.",
-    "roi_heads.res5.norm.",
-)
 
 
 @dataclass

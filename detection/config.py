@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode, get_cfg
 
-from pretrain.config import load_config
+from moco_d2.core.config import load_config
 
 
 def add_detection_config(cfg: CfgNode) -> CfgNode:

@@ -19,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from detection.voc_validation import validate_voc_split
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 VOC_LAYOUT = (
     "{root}/VOC2007/{{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{{trainval,test}}.txt}} "

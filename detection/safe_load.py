@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 # (module, name) pairs the unpickler may look up: everything needed to rebuild numpy arrays (each
 # numpy version and pickle protocol names them differently) and plain containers; nothing that can

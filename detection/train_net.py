@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import warnings
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Detectron2 jit-scripts helpers at import time; new torch deprecates that with a FutureWarning per run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
@@ -30,7 +27,7 @@ from detection.checkpoint import VerifiedCheckpointer, check_weights_path
 from detection.config import load_detection_config
 from detection.datasets import check_datasets, register_custom_datasets
 from detection.trainer import Trainer
-from pretrain.errors import UserError, exit_on_user_error
+from moco_d2.core.errors import UserError, exit_on_user_error
 
 
 def check_output_dir(path: str) -> None:

@@ -25,8 +25,8 @@ from torch import nn
 from detection.checkpoint import VerifiedCheckpointer
 from detection.evaluation import VOCDetectionEvaluator
 from detection.visualize import draw_detections
-from pretrain.checkpoint import write_json_atomic
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
+from moco_d2.core.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

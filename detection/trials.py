@@ -21,7 +21,7 @@ from pathlib import Path
 
 from detection.config import load_detection_config
 from detection.trainer import METRICS_FILE, write_strict_json
-from pretrain.errors import UserError, exit_on_user_error
+from moco_d2.core.errors import UserError, exit_on_user_error
 
 TRAIN_NET = Path(__file__).resolve().parent / "train_net.py"
 HEADLINE = ("AP50", "AP", "AP75")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from pretrain.errors import UserError
+from moco_d2.core.errors import UserError
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (Detectron2 applies them)

@@ -1,0 +1,68 @@
+"""What one demo run does and where it lives: the table rows, their titles, the config paths, the Plan.
+
+Shared by ``demo/run.py`` (which builds the stages) and ``demo/report.py`` (which reads their outputs),
+so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from demo import data as demo_data
+from demo.fashion_mnist import CLASS_NAMES
+
+ROWS = ("random_init", "supervised", "moco_v1", "moco_v2")
+ROW_TITLES = {
+    "random_init": "random init",
+    "supervised": "supervised",
+    "moco_v1": "MoCo v1",
+    "moco_v2": "MoCo v2",
+}
+CONFIG_DIRS = {
+    "full": Path("configs/demo"),
+    "quick": Path("configs/demo/quick"),
+    "smoke": Path("configs/demo/smoke"),
+}
+# The VOC root written in configs/demo/voc_c4.yaml; other data roots are passed on the command line.
+CONFIG_VOC_ROOT = Path("datasets/demo/voc")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where everything of one demo run lives."""
+
+    preset: str
+    seed: int
+    data: demo_data.DemoData
+    work: Path
+    report_dir: Path
+
+    def config(self, name: str) -> str:
+        return str(CONFIG_DIRS[self.preset] / f"{name}.yaml")
+
+    def backbone(self, row: str) -> Path:
+        """The checkpoint each table row evaluates (formats every tool reads)."""
+        return {
+            "random_init": self.work / "random_init" / "resnet18_random_init.pth",
+            "supervised": self.work / "supervised" / "model_final.pth",
+            "moco_v1": self.work / "pretrain" / "moco_v1" / "model_final.pth",
+            "moco_v2": self.work / "pretrain" / "moco_v2" / "model_final.pth",
+        }[row]
+
+    def detection_opts(self) -> list[str]:
+        """Overrides every detection command (and the checks that rebuild its model) shares."""
+        opts = ["SEED", str(self.seed)]
+        if self.data.voc.resolve() != CONFIG_VOC_ROOT.resolve():
+            custom = [
+                {
+                    "name": f"fmnist_scenes_{split}",
+                    "root": str(self.data.voc),
+                    "split": split,
+                    "classes": list(CLASS_NAMES),
+                }
+                for split in ("trainval", "test")
+            ]
+            opts += ["DATASETS.VOC_CUSTOM", json.dumps(custom)]  # a valid Python literal for yacs
+        return opts

@@ -1,0 +1,469 @@
+"""Linear classification on frozen features (the MoCo paper's protocol), and the supervised baseline.
+
+Linear protocol (MODEL.FREEZE_BACKBONE True, the default): a pretrained ResNet (our MoCo checkpoint, an
+official one, or any checkpoint ``moco_d2.core.backbone`` reads) gets a new fc, normal(0, 0.01) weights and
+zero bias; everything else is frozen and the network stays in eval mode, so BatchNorm statistics never
+move. Only fc.weight and fc.bias reach the optimizer. At the end every backbone tensor is compared
+with the pretrained one, as the official ``main_lincls.py`` does.
+
+Supervised baseline (MODEL.FREEZE_BACKBONE False, no MODEL.WEIGHTS): the same loop trains the whole,
+randomly initialised network on the labels; its checkpoint has kind "supervised".
+
+    python -m moco_d2.evaluation.lincls --config-file configs/lincls/lincls_in1k.yaml \\
+        MODEL.WEIGHTS ckpt.pth DATA.ROOT /path/to/imagenet OUTPUT_DIR output/lincls
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+import torchvision
+from fvcore.common.config import CfgNode
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from moco_d2.core.backbone import ARCHS, BackboneState, load_resnet_state
+from moco_d2.core.config import default_argument_parser, load_config
+from moco_d2.core.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+    is_main_process,
+)
+from moco_d2.core.errors import UserError, exit_on_user_error
+from moco_d2.core.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_eval_transform,
+    build_lincls_train_transform,
+    labelled_split_pair,
+    mix_seed,
+)
+from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, write_json_atomic
+from moco_d2.core.metrics import AverageMeter, MetricWriter, progress, setup_logging
+from moco_d2.evaluation.knn import make_eval_loader, topk_correct
+
+logger = logging.getLogger("moco")
+
+
+class SanityCheckError(RuntimeError):
+    """The frozen backbone changed during linear classification: the reported accuracy is invalid."""
+
+
+def lincls_defaults() -> CfgNode:
+    """The official linear-classification recipe (ResNet-50, 100 epochs, lr 30, global batch 256)."""
+    c = CfgNode()
+    c.OUTPUT_DIR = "output/lincls"
+    c.SEED = 0
+    # "" = start fresh, "auto" = newest valid checkpoint in OUTPUT_DIR, otherwise a checkpoint path.
+    c.RESUME = ""
+
+    c.MODEL = CfgNode()
+    c.MODEL.ARCH = "resnet50"  # any torchvision ResNet constructor name
+    c.MODEL.WEIGHTS = ""  # pretrained checkpoint; required when FREEZE_BACKBONE is True
+    c.MODEL.FREEZE_BACKBONE = True  # False = supervised training of the whole network
+    c.MODEL.NUM_CLASSES = 0  # 0 = number of class folders in DATA.ROOT/DATA.TRAIN_SPLIT
+
+    c.DATA = CfgNode()
+    c.DATA.ROOT = "datasets/imagenet"  # ImageFolder root with TRAIN_SPLIT/ and VAL_SPLIT/
+    c.DATA.TRAIN_SPLIT = "train"
+    c.DATA.VAL_SPLIT = "val"
+    c.DATA.CROP_SIZE = 224  # RandomResizedCrop size (train) and CenterCrop size (val)
+    c.DATA.RESIZE = 256  # val: shorter side resized to this before the center crop
+    c.DATA.MEAN = list(IMAGENET_MEAN)
+    c.DATA.STD = list(IMAGENET_STD)
+    c.DATA.NUM_WORKERS = 8  # loader workers per process
+    c.DATA.PIN_MEMORY = True
+    c.DATA.MAX_BAD_FRACTION = 0.001  # stop when more than this fraction of images is unreadable
+
+    c.SOLVER = CfgNode()
+    c.SOLVER.EPOCHS = 100
+    c.SOLVER.BATCH_SIZE = 256  # global batch over all processes
+    c.SOLVER.BASE_LR = 30.0
+    c.SOLVER.MOMENTUM = 0.9
+    c.SOLVER.WEIGHT_DECAY = 0.0
+    c.SOLVER.STEPS = [60, 80]  # epochs where lr is multiplied by GAMMA
+    c.SOLVER.GAMMA = 0.1
+
+    c.TRAIN = CfgNode()
+    c.TRAIN.DEVICE = "auto"  # "auto", "cuda" or "cpu"
+    c.TRAIN.AMP = False  # bf16 autocast on CUDA (the official recipe is fp32)
+    c.TRAIN.MAX_ITERS = 0  # stop after this many iterations in this run (0 = all epochs); simulates a kill
+
+    c.CHECKPOINT = CfgNode()
+    c.CHECKPOINT.KEEP_LAST = 2
+
+    c.LOG = CfgNode()
+    c.LOG.PERIOD = 20
+    c.LOG.TENSORBOARD = True
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+def load_pretrained(cfg: CfgNode) -> BackboneState | None:
+    """The checkpoint's ResNet backbone, checked against MODEL.ARCH; None for a supervised run."""
+    if not cfg.MODEL.WEIGHTS:
+        if cfg.MODEL.FREEZE_BACKBONE:
+            raise UserError(
+                "MODEL.WEIGHTS is empty: linear classification needs a pretrained checkpoint "
+                "(set MODEL.FREEZE_BACKBONE False to train a supervised model from scratch)"
+            )
+        return None
+    state = load_resnet_state(cfg.MODEL.WEIGHTS)
+    if state.arch != cfg.MODEL.ARCH:
+        raise UserError(
+            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} holds a {state.arch or 'non-standard ResNet'} "
+            f"backbone but MODEL.ARCH is {cfg.MODEL.ARCH!r}"
+        )
+    return state
+
+
+def build_model(
+    cfg: CfgNode, num_classes: int, state: BackboneState | None = None
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, str]:
+    """The classifier and, in the linear protocol, the pretrained backbone tensors it must keep.
+
+    Returns (model, pretrained backbone state or None, description of the weights' source).
+    """
+    arch = cfg.MODEL.ARCH
+    if arch not in ARCHS:
+        raise UserError(f"MODEL.ARCH: {arch!r} is not a torchvision ResNet ({', '.join(ARCHS)})")
+    if state is None:
+        state = load_pretrained(cfg)
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    pretrained = None
+    source = "random initialisation"
+    if state is not None:
+        _load_backbone(model, state.state_dict, cfg.MODEL.WEIGHTS)
+        pretrained = {k: v.clone() for k, v in state.state_dict.items()}
+        source = f"{state.source}: {cfg.MODEL.WEIGHTS}"
+    # The new classifier, initialised as in the official code.
+    model.fc.weight.data.normal_(mean=0.0, std=0.01)
+    model.fc.bias.data.zero_()
+    if cfg.MODEL.FREEZE_BACKBONE:
+        for name, p in model.named_parameters():
+            p.requires_grad = name in ("fc.weight", "fc.bias")
+    return model, pretrained, source
+
+
+def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:
+    """Load every backbone tensor; any shape or key mismatch is a one-line UserError."""
+    own = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(
+            f"MODEL.WEIGHTS {path!r}: tensor {k} has shape {tuple(sd[k].shape)}, "
+            f"the model expects {tuple(own[k].shape)} (architecture mismatch)"
+        )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(
+            f"MODEL.WEIGHTS {path!r} does not match {model.__class__.__name__}: "
+            f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}"
+        )
+
+
+def sanity_check(model: nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
+    """Every backbone tensor (weights and BN buffers) must equal the pretrained one, bit for bit."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    if set(state) != set(pretrained):
+        raise SanityCheckError(
+            f"sanity check failed: backbone keys differ from the pretrained ones "
+            f"({sorted(set(state) ^ set(pretrained))[:3]})"
+        )
+    changed = [k for k, v in state.items() if not torch.equal(v.cpu(), pretrained[k].cpu())]
+    if changed:
+        raise SanityCheckError(
+            f"sanity check failed: {len(changed)} backbone tensors changed during linear classification, "
+            f"e.g. {changed[0]}; the frozen-feature accuracy is invalid"
+        )
+    logger.info("sanity check passed: all %d backbone tensors equal the pretrained ones", len(state))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(cfg: CfgNode, epoch: int) -> float:
+    """Step schedule: BASE_LR x GAMMA^(number of STEPS reached)."""
+    return cfg.SOLVER.BASE_LR * cfg.SOLVER.GAMMA ** sum(epoch >= m for m in cfg.SOLVER.STEPS)
+
+
+def _prefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"module.{k}": v.detach().cpu() for k, v in sd.items()}
+
+
+def _unprefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a copy of the checkpoint ``src``."""
+    atomic_write(dst, lambda f: f.write(src.read_bytes()), what="checkpoint")
+
+
+def _check_cfg(cfg: CfgNode, world_size: int) -> None:
+    s = cfg.SOLVER
+    if s.BATCH_SIZE % world_size:
+        raise UserError(f"SOLVER.BATCH_SIZE {s.BATCH_SIZE} is not divisible by the {world_size} processes")
+    if s.EPOCHS < 1 or s.BATCH_SIZE < 1:
+        raise UserError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
+    if not (math.isfinite(s.BASE_LR) and s.BASE_LR > 0):
+        raise UserError(f"SOLVER.BASE_LR must be a positive number, got {s.BASE_LR}")
+    if cfg.DATA.CROP_SIZE < 1 or cfg.DATA.RESIZE < cfg.DATA.CROP_SIZE:
+        raise UserError(
+            f"DATA.RESIZE ({cfg.DATA.RESIZE}) must be >= DATA.CROP_SIZE ({cfg.DATA.CROP_SIZE}) >= 1"
+        )
+
+
+def _datasets(cfg: CfgNode):
+    root = Path(cfg.DATA.ROOT)
+    train_tf = build_lincls_train_transform(cfg.DATA.CROP_SIZE, cfg.DATA.MEAN, cfg.DATA.STD)
+    val_tf = build_eval_transform(cfg.DATA.CROP_SIZE, cfg.DATA.RESIZE, cfg.DATA.MEAN, cfg.DATA.STD)
+    train, val = labelled_split_pair(
+        root, cfg.DATA.TRAIN_SPLIT, cfg.DATA.VAL_SPLIT, train_tf, val_tf, cfg.DATA.MAX_BAD_FRACTION
+    )
+    return train, val
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, float]:
+    """Top-1/top-5 (percent) and loss over the whole validation set; exact over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, count
+    bar = progress(loader, total=len(loader), desc="val", enabled=is_main_process())
+    for images, target in bar:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(images).float()
+        hits = topk_correct(logits, target, ks=(1, 5)).sum(dim=0)
+        loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+        sums += torch.stack(
+            [hits[0], hits[1], loss, torch.tensor(float(len(target)), device=device)]
+        ).double()
+    bar.close()
+    top1, top5, loss, n = all_reduce_sum(sums).tolist()
+    n = max(n, 1.0)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n}
+
+
+# Long (186 lines) pending the shared epoch-loop refactor (issue 15, point d): resume, per-epoch train/eval,
+# checkpoint publish and the stop protocol are one sequence whose order the resume-exactness tests pin.
+def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
+    """Run the whole schedule (resuming if asked); returns the results dict written to results.json."""
+    device = dist_info.device
+    world = dist_info.world_size
+    main = dist_info.is_main
+    out = Path(cfg.OUTPUT_DIR)
+    _check_cfg(cfg, world)
+    resume = choose_resume(cfg.RESUME, out)  # a fresh run never rotates away another run's checkpoints
+
+    state = load_pretrained(cfg)  # checkpoint problems are reported before the data is scanned
+    train_set, val_set = _datasets(cfg)
+    num_classes = cfg.MODEL.NUM_CLASSES or len(train_set.classes)
+    if num_classes < len(train_set.classes):
+        raise UserError(
+            f"MODEL.NUM_CLASSES is {num_classes} but {cfg.DATA.TRAIN_SPLIT}/ has {len(train_set.classes)} classes"
+        )
+    torch.manual_seed(cfg.SEED)  # identical fc / random init on every rank
+    model, pretrained, source = build_model(cfg, num_classes, state)
+    frozen = cfg.MODEL.FREEZE_BACKBONE
+    kind = "lincls" if frozen else "supervised"
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if frozen:
+        assert len(params) == 2, "only fc.weight and fc.bias may be optimized"  # fc weight, fc bias
+    optimizer = torch.optim.SGD(
+        params, cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+    )
+
+    start_epoch, best = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}
+    manager = CheckpointManager(out, keep_last=cfg.CHECKPOINT.KEEP_LAST)
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        if ckpt.get("kind") != kind or ckpt.get("arch") != cfg.MODEL.ARCH or "optimizer" not in ckpt:
+            raise UserError(
+                f"RESUME {str(resume)!r} is not a {kind} checkpoint of a {cfg.MODEL.ARCH} "
+                f"(kind {ckpt.get('kind')!r}, arch {ckpt.get('arch')!r})"
+            )
+        if ckpt.get("weights", "") != cfg.MODEL.WEIGHTS:
+            raise UserError(
+                f"RESUME {str(resume)!r} continues a run on MODEL.WEIGHTS {ckpt.get('weights')!r}, "
+                f"not {cfg.MODEL.WEIGHTS!r}; use another OUTPUT_DIR or RESUME ''"
+            )
+        model.load_state_dict(_unprefixed(ckpt["state_dict"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = int(ckpt["epoch"])
+        best = {"top1": float(ckpt["best_acc1"]), "top5": float(ckpt.get("best_acc5", -1.0))}
+        best["epoch"] = int(ckpt.get("best_epoch", 0))
+        logger.info("resumed from %s (epoch %d)", resume, start_epoch)
+
+    ddp = model
+    if world > 1:
+        extra = {}
+        if frozen:  # frozen BN buffers are identical everywhere and never change: no per-step broadcast
+            sig = inspect.signature(DistributedDataParallel).parameters
+            extra = {"forward_sync_buffers" if "forward_sync_buffers" in sig else "broadcast_buffers": False}
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, **extra
+        )
+    per_rank = cfg.SOLVER.BATCH_SIZE // world
+    # The epoch's order is a function of (SEED, epoch), also with one process, so a resumed run sees
+    # the same order as an uninterrupted one.
+    sampler = DistributedSampler(train_set, world, dist_info.rank, shuffle=True, seed=cfg.SEED)
+    workers = cfg.DATA.NUM_WORKERS
+    train_loader = DataLoader(
+        train_set,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
+        drop_last=False,
+        generator=torch.Generator(),  # reseeded every epoch: seeds the workers' augmentation
+    )
+    val_loader = make_eval_loader(val_set, per_rank, workers, cfg.DATA.PIN_MEMORY)
+    amp = cfg.TRAIN.AMP and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    writer = MetricWriter(out, enabled=main, tensorboard=cfg.LOG.TENSORBOARD)
+    criterion = nn.CrossEntropyLoss()
+    if main:
+        logger.info(
+            "%s: %s %s, %d classes, weights from %s", kind, cfg.MODEL.ARCH, device, num_classes, source
+        )
+        logger.info(
+            "trainable parameters: %s", [n for n, p in model.named_parameters() if p.requires_grad][:4]
+        )
+
+    iteration = start_epoch * len(train_loader)
+    iters_this_run = 0
+    last = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
+    stopped = False
+    for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        # Augmentation randomness is a function of (SEED, rank, epoch): a run resumed at an epoch
+        # boundary repeats exactly what the uninterrupted run would have done (on CPU, bit for bit).
+        seed = mix_seed(cfg.SEED, dist_info.rank, epoch)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        train_loader.generator.manual_seed(seed)
+        # Linear protocol: eval mode throughout, so BN uses (and keeps) the pretrained statistics.
+        ddp.train(not frozen)
+        loss_meter, acc_meter = AverageMeter("loss"), AverageMeter("top1")
+        bar = progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}", enabled=main)
+        for images, target in bar:
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = ddp(images).float()
+            loss = criterion(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            iters_this_run += 1
+            loss_meter.update(loss.item(), len(target))
+            acc_meter.update(topk_correct(logits.detach(), target, ks=(1,)).mean().item() * 100, len(target))
+            if iteration % cfg.LOG.PERIOD == 0:
+                stats = all_reduce_mean(torch.tensor([loss_meter.avg, acc_meter.avg], device=device)).tolist()
+                writer.write(iteration, {"loss": stats[0], "top1": stats[1], "lr": lr}, prefix="train")
+                bar.set_postfix_str(f"loss {stats[0]:.4f} top1 {stats[1]:.2f} lr {lr:g}")
+            if cfg.TRAIN.MAX_ITERS and iters_this_run >= cfg.TRAIN.MAX_ITERS:
+                stopped = True
+                break
+        bar.close()
+        if stopped:  # a simulated kill: no checkpoint for the unfinished epoch
+            logger.info(
+                "stopping after TRAIN.MAX_ITERS=%d iterations (epoch %d unfinished)",
+                iters_this_run,
+                epoch + 1,
+            )
+            break
+        last = evaluate(model, val_loader, device, amp)
+        is_best = last["top1"] > best["top1"]
+        if is_best:
+            best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
+        writer.write(iteration, {**last, "epoch": epoch + 1}, prefix="val")
+        writer.flush()
+        if main:
+            logger.info(
+                "epoch %d/%d: val top1 %.3f top5 %.3f (best top1 %.3f @ %d)",
+                epoch + 1, cfg.SOLVER.EPOCHS, last["top1"], last["top5"], best["top1"], best["epoch"],
+            )  # fmt: skip
+            ckpt = {
+                "epoch": epoch + 1,
+                "arch": cfg.MODEL.ARCH,
+                "state_dict": _prefixed(model.state_dict()),
+                "best_acc1": best["top1"],
+                "best_acc5": best["top5"],
+                "best_epoch": best["epoch"],
+                "optimizer": optimizer.state_dict(),
+                "kind": kind,
+                "weights": cfg.MODEL.WEIGHTS,
+                "config": cfg.dump(),
+            }
+            path = manager.save(ckpt, CheckpointManager.name_for(epoch + 1))
+            if is_best:
+                _publish(path, out / "model_best.pth")
+            if epoch + 1 == cfg.SOLVER.EPOCHS:
+                _publish(path, out / "model_final.pth")
+            logger.info("saved %s", path)
+        barrier()
+    writer.close()
+
+    if stopped:
+        return {}
+    if pretrained is not None:
+        sanity_check(model, pretrained)
+    if math.isnan(last["top1"]):  # resumed after the last epoch: report the final checkpoint's numbers
+        last = evaluate(model, val_loader, device, amp)
+    results = {
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "best_top1": best["top1"],
+        "best_top5": best["top5"],
+        "best_epoch": best["epoch"],
+        "epochs": cfg.SOLVER.EPOCHS,
+        "checkpoint": cfg.MODEL.WEIGHTS,
+        "arch": cfg.MODEL.ARCH,
+        "kind": kind,
+        "num_classes": num_classes,
+        "crop_size": cfg.DATA.CROP_SIZE,
+        "sanity_check": "passed" if pretrained is not None else "not applicable (backbone trained)",
+    }
+    if main:
+        write_json_atomic(results, out / "results.json")
+        logger.info("results: %s", json.dumps(results))
+    return results
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = default_argument_parser("Linear classification / supervised training of a ResNet").parse_args(argv)
+    cfg = load_config(lincls_defaults(), args.config_file, args.opts)
+    dist_info = init_distributed(cfg.TRAIN.DEVICE)
+    setup_logging(cfg.OUTPUT_DIR, dist_info.rank)
+    try:
+        return train(cfg, dist_info)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

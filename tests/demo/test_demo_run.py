@@ -1,0 +1,87 @@
+"""End to end: the smallest demo variant runs every stage and reports finite numbers for every row.
+
+One run of ``python -m demo.run --preset smoke`` (the same stages and entry points as ``make demo``,
+at the smallest scale), then a resumed run after deleting two stages' outputs: only those rerun, and
+they reproduce their numbers exactly (same seed, same machine -> same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from demo.fashion_mnist import DEFAULT_DIR, SPLIT_FILES
+from demo.report import parse_table
+
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_DATA = all((DEFAULT_DIR / f).is_file() for pair in SPLIT_FILES.values() for f in pair)
+
+
+def _run(work: Path, data: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "demo.run",
+        "--preset",
+        "smoke",
+        "--work",
+        str(work),
+        "--data-root",
+        str(data),
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="Debian package dataset-fashion-mnist is not installed")
+def test_smoke_demo_end_to_end_and_resume(tmp_path):
+    work, data = tmp_path / "work", tmp_path / "data"
+    first = _run(work, data)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = (work / "report.md").read_text()
+    table = parse_table(report)
+    assert list(table) == ["random init", "supervised", "MoCo v1", "MoCo v2"]
+    for row, cells in table.items():
+        assert len(cells) == 5, row
+        assert all(math.isfinite(float(c)) for c in cells), (row, cells)
+    for png in ("pretraining_curves.png", "detection_ap.png", "detections.png"):
+        assert (work / png).stat().st_size > 0
+    checks = [json.loads((work / "detection" / f"transfer_check_{r}.json").read_text()) for r in ("moco_v2",)]
+    assert checks[0]["tensors_identical"] == 100  # ResNet-18: 75 backbone + 25 res5 tensors
+    assert "100 tensors identical" in first.stdout
+    ranks = json.loads((work / "features" / "ranks.json").read_text())["rows"]
+    assert list(ranks) == ["random_init", "supervised", "moco_v1", "moco_v2"]
+    for r in ranks.values():
+        assert 1.0 <= r["res4"]["effective_rank"] <= r["res4"]["channels"] == 256
+    assert "How many feature directions" in report
+
+    # Resume: delete two finished stages' outputs; only they run again, with identical numbers.
+    knn_json = work / "knn" / "moco_v2" / "knn_results.json"
+    lin_json = work / "lincls" / "random_init" / "results.json"
+    before = json.loads(knn_json.read_text())["top1"], json.loads(lin_json.read_text())["top1"]
+    knn_json.unlink()
+    shutil.rmtree(lin_json.parent)
+    second = _run(work, data)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    reran = [line for line in second.stdout.splitlines() if line.startswith("✓")]
+    assert len(reran) == 3, reran  # the two deleted stages and the report
+    after = json.loads(knn_json.read_text())["top1"], json.loads(lin_json.read_text())["top1"]
+    assert after == before
+    assert parse_table((work / "report.md").read_text()) == table
+
+
+def test_missing_stage_output_is_a_clear_error(tmp_path):
+    """A child that fails stops the demo with one line naming the stage and its log."""
+    from demo.stages import Runner, Stage, StageFailed
+
+    runner = Runner(tmp_path, total=1, log=lambda *_: None)
+    stage = Stage(
+        "x", "failing stage", tmp_path / "never", argv=[sys.executable, "-c", "raise SystemExit(3)"]
+    )
+    with pytest.raises(StageFailed, match=r"failing stage.*exit code 3.*x\.log"):
+        runner.run(stage)

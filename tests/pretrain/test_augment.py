@@ -1,0 +1,380 @@
+"""Reference recipes and the fast CPU path: same random draws, same pixels within stated tolerances."""
+
+from __future__ import annotations
+
+import io
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torchvision import transforms
+
+from moco_d2.core.errors import UserError
+from moco_d2.core.images import build_eval_transform, build_lincls_train_transform
+from pretrain.augment import build_pretrain_transform
+from pretrain.augment import fast as FA
+from pretrain.augment.reference import GaussianBlur, TwoCropsTransform, mocov1_reference, mocov2_reference
+
+LEVEL = 1.0 / 255.0
+
+
+def natural_image(seed: int, width: int = 120, height: int = 90) -> Image.Image:
+    """A smooth colour field plus texture, JPEG round-tripped: closer to photos than white noise."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BICUBIC
+    )
+    arr = np.asarray(base).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def cfg(**kw) -> SimpleNamespace:
+    base = {"NAME": "mocov2", "IMPL": "reference", "SIZE": 32, "CROP_SCALE": [0.2, 1.0]}
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def levels(a, b) -> np.ndarray:
+    """|a - b| in 8-bit levels for two HxWx3 images (PIL or arrays, uint8 or float in [0, 255])."""
+    return np.abs(np.asarray(a).astype(np.float64) - np.asarray(b).astype(np.float64))
+
+
+# ---------------------------------------------------------------- reference recipes and builders
+
+
+def test_reference_recipes_match_official_op_order():
+    v2 = [type(t).__name__ for t in mocov2_reference().transforms]
+    assert v2 == [
+        "RandomResizedCrop",
+        "RandomApply",
+        "RandomGrayscale",
+        "RandomApply",
+        "RandomHorizontalFlip",
+        "ToTensor",
+        "Normalize",
+    ]
+    jitter = mocov2_reference().transforms[1]
+    assert jitter.p == 0.8 and tuple(jitter.transforms[0].hue) == (-0.1, 0.1)
+    assert tuple(jitter.transforms[0].brightness) == (0.6, 1.4)
+    assert isinstance(mocov2_reference().transforms[3].transforms[0], GaussianBlur)
+    v1 = [type(t).__name__ for t in mocov1_reference().transforms]
+    assert v1 == [
+        "RandomResizedCrop",
+        "RandomGrayscale",
+        "ColorJitter",
+        "RandomHorizontalFlip",
+        "ToTensor",
+        "Normalize",
+    ]
+    assert tuple(mocov1_reference().transforms[2].hue) == (-0.4, 0.4)
+
+
+def test_gaussian_blur_draws_sigma_from_python_random():
+    img = natural_image(0)
+    random.seed(3)
+    out = GaussianBlur()(img)
+    random.seed(3)
+    sigma = random.uniform(0.1, 2.0)
+    assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma))))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("name", ["mocov2", "mocov1"])
+def test_builder_returns_two_normalised_views(name, impl):
+    t = build_pretrain_transform(cfg(NAME=name, IMPL=impl))
+    q, k = t(natural_image(1))
+    assert q.shape == k.shape == (3, 32, 32) and q.dtype == torch.float32
+    assert not torch.equal(q, k)  # two independent draws
+
+
+def test_builder_gpu_impl_returns_uint8_crops():
+    q, k = build_pretrain_transform(cfg(IMPL="gpu"))(natural_image(2))
+    assert q.shape == k.shape == (3, 32, 32) and q.dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"NAME": "simclr"}, "AUG.NAME"),
+        ({"IMPL": "tpu"}, "AUG.IMPL"),
+        ({"CROP_SCALE": [0.5, 0.2]}, "AUG.CROP_SCALE"),
+    ],
+)
+def test_builder_rejects_bad_config(bad, key):
+    with pytest.raises(UserError, match=key):
+        build_pretrain_transform(cfg(**bad))
+
+
+def test_eval_and_lincls_transforms():
+    img = natural_image(3)
+    x = build_eval_transform(24, 28)(img)
+    assert x.shape == (3, 24, 24)
+    ref = TF.normalize(
+        TF.to_tensor(TF.center_crop(TF.resize(img, 28), 24)), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    )
+    assert torch.equal(x, ref)
+    assert build_lincls_train_transform(16)(img).shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------- fast path: each op on fixed parameters
+
+
+@pytest.fixture(scope="module")
+def crop() -> tuple[Image.Image, np.ndarray]:
+    img = natural_image(4, 96, 96)
+    return img, np.array(img)
+
+
+def test_fast_resized_crop_matches_pil(crop):
+    img, arr = crop
+    src = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+    for top, left, h, w in [(0, 0, 96, 96), (10, 5, 40, 70), (30, 20, 20, 15), (3, 1, 90, 60)]:
+        ref = TF.resized_crop(img, top, left, h, w, [32, 32])
+        d = levels(ref, FA.resized_crop(src, top, left, h, w, 32))
+        assert d.max() <= 1 and d.mean() < 0.25
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.87, 1.13, 1.4])
+def test_fast_brightness_contrast_are_bit_exact(crop, factor):
+    img, arr = crop
+    assert levels(TF.adjust_brightness(img, factor), FA.adjust_brightness(arr, factor)).max() == 0
+    assert levels(TF.adjust_contrast(img, factor), FA.adjust_contrast(arr, factor)).max() == 0
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.25, 1.4])
+def test_fast_saturation_and_grayscale_within_one_level(crop, factor):
+    img, arr = crop
+    assert levels(TF.adjust_saturation(img, factor), FA.adjust_saturation(arr, factor)).max() <= 1
+    assert levels(TF.rgb_to_grayscale(img, 3), FA.to_grayscale(arr)).max() <= 1
+
+
+def exact_hue(arr: np.ndarray, hue_factor: float) -> np.ndarray:
+    """Float64 hue rotation by torchvision's quantised shift: the value both 8-bit versions approximate."""
+    import colorsys
+
+    shift = int(np.int32(hue_factor * 255).astype(np.uint8)) / 255.0
+    out = np.empty(arr.shape, dtype=np.float64)
+    for idx in np.ndindex(arr.shape[:2]):
+        h, s, v = colorsys.rgb_to_hsv(*(arr[idx] / 255.0))
+        out[idx] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+    return np.round(out * 255.0)
+
+
+@pytest.mark.parametrize("hue", [-0.1, -0.02, 0.0, 0.05, 0.4])
+def test_fast_hue_is_at_least_as_close_to_exact_as_pil(crop, hue):
+    img, arr = crop
+    small, small_arr = img.resize((32, 32)), np.array(img.resize((32, 32)))
+    exact = exact_hue(small_arr, hue)
+    pil, fast = TF.adjust_hue(small, hue), FA.adjust_hue(small_arr, hue)
+    assert levels(fast, exact).mean() <= levels(pil, exact).mean() + 0.05
+    assert levels(fast, pil).mean() < 1.5
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.45, 1.3, 2.0])
+def test_fast_blur_uses_pils_kernel(crop, sigma):
+    img, arr = crop
+    kernel = FA.pil_blur_kernel(sigma)
+    assert abs(kernel.sum() - 1) < 1e-6
+    offsets = np.arange(len(kernel)) - len(kernel) // 2
+    assert abs((kernel * offsets**2).sum() - sigma**2) < 1e-4  # the variance Pillow targets
+    d = levels(img.filter(ImageFilter.GaussianBlur(sigma)), FA.gaussian_blur(arr, sigma))
+    assert d.mean() < 0.8 and d.max() <= 6
+
+
+def test_fast_flip_and_normalise_are_exact(crop):
+    img, arr = crop
+    assert np.array_equal(np.asarray(TF.hflip(img)), FA.hflip(arr))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    ref = TF.normalize(TF.to_tensor(img), mean, std)
+    torch.testing.assert_close(FA.Normalize(mean, std)(arr), ref, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- fast path end to end
+
+
+@pytest.mark.parametrize("name", ["mocov2", "mocov1"])
+def test_fast_makes_the_same_draws_and_nearly_the_same_pixels(name):
+    """Same seed -> same crops/factors/orders/decisions (RNG streams end in the same state) -> same views."""
+    ref = TwoCropsTransform(mocov2_reference(32) if name == "mocov2" else mocov1_reference(32))
+    fast = FA.FastTwoViewTransform(name, 32)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    means, p90 = [], []
+    for i in range(12):
+        img = natural_image(100 + i)
+        torch.manual_seed(i)
+        random.seed(i)
+        a = ref(img)
+        state = (torch.rand(1).item(), random.random())
+        torch.manual_seed(i)
+        random.seed(i)
+        b = fast(img)
+        assert (torch.rand(1).item(), random.random()) == state
+        for u, v in zip(a, b):
+            d = ((u - v).abs() * std * 255).numpy()  # back to 8-bit levels
+            means.append(d.mean())
+            assert d.mean() < 2.5, d.mean()
+            p90.append(np.quantile(d, 0.9))
+    assert max(p90) <= 6  # a few levels, mostly the 8-bit hue round trip amplified by contrast
+    assert np.mean(means) < 1.2
+
+
+def test_fast_accepts_grayscale_images():
+    gray = natural_image(5).convert("L")
+    q, _ = FA.FastTwoViewTransform("mocov2", 16)(gray)
+    assert q.shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------- parameter statistics
+
+
+def ks_statistic(a, b) -> float:
+    """Two-sample Kolmogorov-Smirnov distance."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    grid = np.concatenate([a, b])
+    return float(
+        np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+    )
+
+
+def ks_critical(n: int, m: int, alpha: float = 1e-3) -> float:
+    return float(np.sqrt(-np.log(alpha / 2) / 2) * np.sqrt((n + m) / (n * m)))
+
+
+def assert_rate(hits: int, total: int, p: float) -> None:
+    """Observed frequency within 4.5 binomial standard deviations of ``p``."""
+    assert abs(hits / total - p) <= 4.5 * np.sqrt(p * (1 - p) / total), (hits, total, p)
+
+
+class Recorder:
+    """Records the parameters a pipeline applies by wrapping the samplers and ops it calls."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.log: dict[str, list] = {k: [] for k in ("crop", "jitter", "gray", "blur", "flip")}
+        rrc_params = transforms.RandomResizedCrop.get_params
+        cj_params = transforms.ColorJitter.get_params
+
+        def crop_params(img, scale, ratio):
+            out = rrc_params(img, scale, ratio)
+            self.log["crop"].append(out)
+            return out
+
+        def jitter_params(*args):
+            out = cj_params(*args)
+            self.log["jitter"].append((out[0].tolist(), *out[1:]))
+            return out
+
+        monkeypatch.setattr(transforms.RandomResizedCrop, "get_params", staticmethod(crop_params))
+        monkeypatch.setattr(transforms.ColorJitter, "get_params", staticmethod(jitter_params))
+
+        def spy(key, fn, value=lambda *a: True):
+            def wrapped(*args, **kwargs):
+                self.log[key].append(value(*args))
+                return fn(*args, **kwargs)
+
+            return wrapped
+
+        tf = transforms.transforms.F
+        monkeypatch.setattr(tf, "rgb_to_grayscale", spy("gray", tf.rgb_to_grayscale))
+        monkeypatch.setattr(tf, "hflip", spy("flip", tf.hflip))
+        blur = ImageFilter.GaussianBlur
+
+        def blur_filter(radius):
+            self.log["blur"].append(radius)
+            return blur(radius)
+
+        monkeypatch.setattr(
+            "pretrain.augment.reference.ImageFilter", SimpleNamespace(GaussianBlur=blur_filter)
+        )
+        monkeypatch.setattr(FA, "to_grayscale", spy("gray", FA.to_grayscale))
+        monkeypatch.setattr(FA, "hflip", spy("flip", FA.hflip))
+        monkeypatch.setattr(FA, "gaussian_blur", spy("blur", FA.gaussian_blur, lambda x, s: s))
+
+
+def crop_stats(crops, height, width):
+    scale = np.array([h * w / (height * width) for _, _, h, w in crops])
+    log_ratio = np.array([np.log(w / h) for _, _, h, w in crops])
+    return scale, log_ratio
+
+
+def run_views(transform, n_images: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    img = natural_image(7, 64, 48)
+    for _ in range(n_images):
+        transform(img)
+
+
+def test_fast_parameter_statistics_match_reference(monkeypatch):
+    """Draws are shared code, so check the applied-parameter statistics end to end (2000 views each)."""
+    logs = {}
+    for label, transform, seed in [
+        ("ref", TwoCropsTransform(mocov2_reference(16)), 1),
+        ("fast", FA.FastTwoViewTransform("mocov2", 16), 2),
+    ]:
+        with monkeypatch.context() as m:
+            rec = Recorder(m)
+            run_views(transform, 1000, seed)
+            logs[label] = rec.log
+    ref, fast = logs["ref"], logs["fast"]
+    n = 2000
+    for log in (ref, fast):
+        assert len(log["crop"]) == n
+        assert_rate(len(log["jitter"]), n, 0.8)
+        assert_rate(len(log["gray"]), n, 0.2)
+        assert_rate(len(log["blur"]), n, 0.5)
+        assert_rate(len(log["flip"]), n, 0.5)
+    for a, b in zip(crop_stats(ref["crop"], 48, 64), crop_stats(fast["crop"], 48, 64)):
+        assert ks_statistic(a, b) < ks_critical(len(a), len(b))
+    for col in (1, 2, 3, 4):
+        a = [j[col] for j in ref["jitter"]]
+        b = [j[col] for j in fast["jitter"]]
+        assert ks_statistic(a, b) < ks_critical(len(a), len(b))
+    assert ks_statistic(ref["blur"], fast["blur"]) < ks_critical(len(ref["blur"]), len(fast["blur"]))
+    # the test has power: a 25% narrower brightness range would be caught
+    narrow = [1 + 0.75 * (j[1] - 1) for j in fast["jitter"]]
+    assert ks_statistic([j[1] for j in ref["jitter"]], narrow) > ks_critical(len(narrow), len(ref["jitter"]))
+
+
+def test_gpu_parameter_statistics_match_reference(monkeypatch):
+    """The device path draws its own per-sample parameters: compare them with the reference's draws."""
+    from pretrain.augment.device import GPUAugment
+
+    with monkeypatch.context() as m:
+        rec = Recorder(m)
+        run_views(TwoCropsTransform(mocov2_reference(16)), 1000, 3)
+        ref = rec.log
+    with monkeypatch.context() as m:
+        rec = Recorder(m)
+        run_views(FA.CropFlipTwoView(16), 1000, 4)
+        gpu_crops = rec.log["crop"]
+    n = 2000
+    p = GPUAugment("mocov2").sample_params(n, torch.Generator().manual_seed(5))
+    for a, b in zip(crop_stats(ref["crop"], 48, 64), crop_stats(gpu_crops, 48, 64)):
+        assert ks_statistic(a, b) < ks_critical(len(a), len(b))
+    jit = p["jitter"]
+    assert_rate(int(jit.sum()), n, 0.8)
+    assert_rate(int(p["gray"].sum()), n, 0.2)
+    assert_rate(int(p["blur"].sum()), n, 0.5)
+    for col, key in [(1, "brightness"), (2, "contrast"), (3, "saturation")]:
+        a, b = [j[col] for j in ref["jitter"]], p[key][jit].numpy()
+        assert ks_statistic(a, b) < ks_critical(len(a), len(b)), key
+    # hue: compare the shift actually applied, in 1/255 turns (torchvision truncates hue * 255)
+    a = [int(np.int32(j[4] * 255)) for j in ref["jitter"]]
+    b = torch.round(p["hue"][jit] * 255).numpy()
+    assert ks_statistic(a, b) < ks_critical(len(a), len(b))
+    assert ks_statistic(ref["blur"], p["sigma"][p["blur"]].numpy()) < ks_critical(
+        len(ref["blur"]), int(p["blur"].sum())
+    )
+    # op order: each of the 24 permutations equally likely, in both
+    for perms in ([tuple(j[0]) for j in ref["jitter"]], [tuple(o) for o in p["order"][jit].tolist()]):
+        counts = np.array([perms.count(q) for q in set(perms)])
+        assert len(counts) == 24
+        assert np.all(
+            np.abs(counts / len(perms) - 1 / 24) <= 4.5 * np.sqrt((1 / 24) * (23 / 24) / len(perms))
+        )
