@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms
 
+from pretrain import gpu_augment as G
 from pretrain.augment import BLUR_SIGMA, CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, TwoViews
 
 # The reference recipes' jitter strengths: ColorJitter(brightness, contrast, saturation, hue).
@@ -77,8 +78,10 @@ def _blend_lut(base: float, factor: float) -> np.ndarray:
 
 
 def luma(x: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma, the same weights as PIL's ``convert("L")``."""
-    return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+    """PIL's ``convert("L")`` exactly: (19595 R + 38470 G + 7471 B + 0x8000) >> 16, HxW uint8."""
+    w = x.astype(np.uint32)
+    w *= np.array(G.LUMA_FIXED, dtype=np.uint32)
+    return ((w.sum(axis=2, dtype=np.uint32) + 0x8000) >> 16).astype(np.uint8)
 
 
 def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
@@ -91,47 +94,49 @@ def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
 
 
 def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
-    gray = cv2.cvtColor(luma(x), cv2.COLOR_GRAY2RGB)
-    # PIL truncates ``gray + factor * (x - gray)``; rounding (value - 0.5) is the same up to ties.
-    return cv2.addWeighted(x, factor, gray, 1.0 - factor, -0.5)
+    """PIL's ``Image.blend(gray, x, factor)``: float32 ``gray + factor (x - gray)``, truncated."""
+    gray = luma(x)[:, :, None].astype(np.float32)
+    v = x.astype(np.float32)
+    v -= gray
+    v *= np.float32(factor)
+    v += gray
+    return np.clip(v, 0, 255, out=v).astype(np.uint8)  # astype truncates like PIL's (UINT8) cast
 
 
 def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
-    """Rotate hue by ``hue_factor`` turns, quantised to 1/255 turn like torchvision's PIL backend."""
-    shift = int(np.int32(hue_factor * 255).astype(np.uint8))
-    ramp = np.arange(256, dtype=np.int64)
-    table = np.stack([(ramp + shift) % 256, ramp, ramp], axis=-1).astype(np.uint8)[:, None, :]
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    return cv2.cvtColor(cv2.LUT(hsv, table), cv2.COLOR_HSV2RGB_FULL)
+    """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip (see
+    ``gpu_augment.pil_rgb_to_hsv``), the H channel shifted by ``np.int32(hue * 255)`` mod 256."""
+    steps = int(np.int32(hue_factor * 255).astype(np.uint8))
+    if steps == 0:
+        return x
+    t = torch.from_numpy(x).int()
+    r, g, b = G.pil_adjust_hue(t[:, :, 0], t[:, :, 1], t[:, :, 2], steps)
+    return torch.stack((r, g, b), dim=2).to(torch.uint8).numpy()
 
 
 def to_grayscale(x: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(luma(x), cv2.COLOR_GRAY2RGB)
 
 
-def pil_blur_kernel(sigma: float, passes: int = 3) -> np.ndarray:
-    """The 1-D kernel Pillow's ``GaussianBlur(radius=sigma)`` applies: ``passes`` extended box filters.
-
-    Box length and fractional radius follow Gwosdek et al. 2011 (the paper Pillow implements), so the
-    combined kernel has exactly variance sigma².
-    """
-    var = sigma * sigma / passes
-    length = np.sqrt(12.0 * var + 1.0)
-    whole = np.floor((length - 1.0) / 2.0)
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
-    radius = whole + frac
-    inner = 1.0 / (2.0 * radius + 1.0)
-    edge = (1.0 - (2 * int(whole) + 1) * inner) / 2.0
-    box = np.array([edge] + [inner] * (2 * int(whole) + 1) + [edge])
-    kernel = box
-    for _ in range(passes - 1):
-        kernel = np.convolve(kernel, box)
-    return kernel.astype(np.float32)
+def pil_box_weights(sigma: float) -> tuple[int, int, int]:
+    """Pillow's box-pass weights for ``GaussianBlur(radius=sigma)``: (int radius, ww, fw), 2^-24 units."""
+    radius = G.pil_box_radius(torch.tensor([sigma], dtype=torch.float32))
+    whole, ww, fw = G.pil_box_weights(radius)
+    return int(whole), int(ww), int(fw)
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    kernel = pil_blur_kernel(sigma)
-    return cv2.sepFilter2D(x, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+    """Pillow's GaussianBlur exactly: three box passes along rows then three along columns, each
+    ``(ww * window + fw * (two far pixels) + 2^23) >> 24`` with edge replication. The float64
+    filter sums integer multiples of 2^-24 below 2^8 exactly, so the floor is Pillow's shift."""
+    whole, ww, fw = pil_box_weights(sigma)
+    kernel = np.array([fw] + [ww] * (2 * whole + 1) + [fw], dtype=np.float64) * 2.0**-24
+    for k in (kernel.reshape(1, -1), kernel.reshape(-1, 1)):
+        for _ in range(G.BLUR_PASSES):
+            y = cv2.filter2D(x, cv2.CV_64F, k, borderType=cv2.BORDER_REPLICATE)
+            y += 0.5
+            x = np.floor(y, out=y).astype(np.uint8)
+    return x
 
 
 def hflip(x: np.ndarray) -> np.ndarray:
@@ -258,8 +263,7 @@ class CropFlipTwoView:
 
     def view(self, src: Tensor) -> Tensor:
         top, left, h, w = sample_crop(src.shape[2], src.shape[3], self.scale)
-        crop = src[:, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        out = torch.from_numpy(resized_crop(src, top, left, h, w, self.size)).permute(2, 0, 1)
         if _rand_below(0.5):
             out = out.flip(-1)
         return out  # CHW view of HWC memory; the loader's collate copies it into the batch anyway
