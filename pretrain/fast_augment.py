@@ -106,9 +106,7 @@ def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
 def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
     """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip (see
     ``gpu_augment.pil_rgb_to_hsv``), the H channel shifted by ``np.int32(hue * 255)`` mod 256."""
-    steps = int(np.int32(hue_factor * 255).astype(np.uint8))
-    if steps == 0:
-        return x
+    steps = int(np.int32(hue_factor * 255).astype(np.uint8))  # no shortcut at 0: the trip is lossy
     t = torch.from_numpy(x).int()
     r, g, b = G.pil_adjust_hue(t[:, :, 0], t[:, :, 1], t[:, :, 2], steps)
     return torch.stack((r, g, b), dim=2).to(torch.uint8).numpy()

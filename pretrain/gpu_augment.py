@@ -312,7 +312,7 @@ class GPUAugment(nn.Module):
             step = p["order"][:, position]
             out = x
             for op_id, op in enumerate(ops):
-                out = self._where(p["jitter"] & (step == op_id), op(x), out)
+                out = self._where(p["jitter"] & (step == op_id), out, op(x))
             x = out
         return x
 
