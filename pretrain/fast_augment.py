@@ -5,15 +5,13 @@ order and from the same generators (torch's global RNG and Python's ``random``),
 seed it picks the same crops, jitter factors, op order, grayscale/blur/flip decisions and blur sigma.
 Only the pixel arithmetic differs, and each op is tested against its PIL/torchvision counterpart:
 
-* crop + resize: one antialiased bilinear ``torch.nn.functional.interpolate`` on the uint8 crop
-  (a vectorised port of Pillow's resampling; it matches ``PIL crop().resize()`` to within 1 level);
-* brightness / contrast: PIL's blend formula evaluated once for all 256 input values (a lookup
-  table), so the output is bit-identical to PIL's;
-* saturation / grayscale: the same luma blend with one rounding instead of PIL's truncation (±1);
-* hue: an 8-bit HSV round trip in OpenCV instead of Pillow's, which is closer to an exact hue
-  rotation than Pillow's own (see the tests);
-* blur: Pillow's GaussianBlur is three extended box filters per axis; we apply the very same
-  combined kernel once with OpenCV (one rounding instead of six);
+* crop + resize: torch's uint8 antialiased bilinear (Pillow's two-pass algorithm with 15-bit instead
+  of 22-bit weights): within 1 level of ``PIL crop().resize()``, not exact;
+* brightness / contrast: PIL's blend formula for all 256 input values (a LUT): bit-identical;
+* saturation / grayscale: Pillow's fixed-point luma and float32 blend with truncation: bit-identical;
+* hue: Pillow's own 8-bit HSV round trip (``gpu_augment.pil_rgb_to_hsv``/``pil_hsv_to_rgb``, checked
+  on all 2^24 inputs): bit-identical, but slow (torch elementwise ops; see bench/README);
+* blur: Pillow's six fixed-point box passes (float64 filter, exact): bit-identical;
 * flip, then uint8 -> float conversion fused with the normalisation.
 
 The image is decoded once by the dataset and shared by both views, as in the reference.

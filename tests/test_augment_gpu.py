@@ -47,9 +47,15 @@ def ints(x: torch.Tensor) -> torch.Tensor:
 def test_linear_ops_are_bit_exact_with_pil(img, factor):
     pil, x = img
     x = ints(x)
-    assert levels(TF.adjust_brightness(pil, factor), G.adjust_brightness(x, one(factor)) / 255).max() < 1e-3  # integers: 0 levels
-    assert levels(TF.adjust_contrast(pil, factor), G.adjust_contrast(x, one(factor)) / 255).max() < 1e-3  # integers: 0 levels
-    assert levels(TF.adjust_saturation(pil, factor), G.adjust_saturation(x, one(factor)) / 255).max() < 1e-3  # integers: 0 levels
+    assert (
+        levels(TF.adjust_brightness(pil, factor), G.adjust_brightness(x, one(factor)) / 255).max() < 1e-3
+    )  # integers: 0 levels
+    assert (
+        levels(TF.adjust_contrast(pil, factor), G.adjust_contrast(x, one(factor)) / 255).max() < 1e-3
+    )  # integers: 0 levels
+    assert (
+        levels(TF.adjust_saturation(pil, factor), G.adjust_saturation(x, one(factor)) / 255).max() < 1e-3
+    )  # integers: 0 levels
     assert levels(TF.rgb_to_grayscale(pil, 3), G.to_grayscale(x) / 255).max() < 1e-3  # integers: 0 levels
 
 
@@ -57,14 +63,18 @@ def test_linear_ops_are_bit_exact_with_pil(img, factor):
 def test_hue_is_bit_exact_with_pil(img, hue):
     pil, x = img
     shift = int(np.int32(hue * 255)) / 255
-    assert levels(TF.adjust_hue(pil, hue), G.adjust_hue(ints(x), one(shift)) / 255).max() < 1e-3  # integers: 0 levels
+    assert (
+        levels(TF.adjust_hue(pil, hue), G.adjust_hue(ints(x), one(shift)) / 255).max() < 1e-3
+    )  # integers: 0 levels
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 1.6, 2.0])
 def test_blur_is_bit_exact_with_pil(img, sigma):
     pil, x = img
     out = G.gaussian_blur(ints(x).repeat(2, 1, 1, 1), torch.tensor([sigma, 0.3]))
-    assert levels(pil.filter(ImageFilter.GaussianBlur(sigma)), out[:1] / 255).max() < 1e-3  # integers: 0 levels
+    assert (
+        levels(pil.filter(ImageFilter.GaussianBlur(sigma)), out[:1] / 255).max() < 1e-3
+    )  # integers: 0 levels
     assert levels(pil.filter(ImageFilter.GaussianBlur(0.3)), out[1:] / 255).max() < 1e-3  # integers: 0 levels
     assert G.MAX_BOX_RADIUS == 1  # sigma <= 2: five taps per pass, fixed, no host sync
 
