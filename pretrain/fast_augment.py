@@ -75,11 +75,20 @@ def _blend_lut(base: float, factor: float) -> np.ndarray:
     return np.clip(np.floor(values), 0, 255).astype(np.uint8)
 
 
+# Pillow's luma as one affine map on float32 levels: every partial sum is an integer < 2^24, exact.
+_LUMA_AFFINE = np.array([[*G.LUMA_FIXED, 0x8000]], dtype=np.float32)
+
+
+def _luma_levels(x: np.ndarray) -> np.ndarray:
+    """Pillow's luma of an HxWx3 uint8 array as HxW float32 integer levels (see ``luma``)."""
+    lum = cv2.transform(x.astype(np.float32), _LUMA_AFFINE)  # 19595 R + 38470 G + 7471 B + 0x8000
+    lum *= np.float32(2.0**-16)  # exact: a power of two
+    return np.floor(lum, out=lum)  # the >> 16
+
+
 def luma(x: np.ndarray) -> np.ndarray:
     """PIL's ``convert("L")`` exactly: (19595 R + 38470 G + 7471 B + 0x8000) >> 16, HxW uint8."""
-    w = x.astype(np.uint32)
-    w *= np.array(G.LUMA_FIXED, dtype=np.uint32)
-    return ((w.sum(axis=2, dtype=np.uint32) + 0x8000) >> 16).astype(np.uint8)
+    return _luma_levels(x).astype(np.uint8)
 
 
 def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
@@ -93,7 +102,7 @@ def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
 
 def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
     """PIL's ``Image.blend(gray, x, factor)``: float32 ``gray + factor (x - gray)``, truncated."""
-    gray = luma(x)[:, :, None].astype(np.float32)
+    gray = cv2.cvtColor(_luma_levels(x), cv2.COLOR_GRAY2RGB)  # HxWx3 float32, no broadcasting pass
     v = x.astype(np.float32)
     v -= gray
     v *= np.float32(factor)
@@ -101,13 +110,91 @@ def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(v, 0, 255, out=v).astype(np.uint8)  # astype truncates like PIL's (UINT8) cast
 
 
+class _HueTables:
+    """Lookup tables for Pillow's 8-bit HSV round trip, built once per process (~0.1 s, 0.33 MB) from
+    the exact vectorised code in ``gpu_augment`` (``pil_rgb_to_hsv``; ``pil_hsv_to_rgb``'s formulas).
+
+    * H depends only on the differences (r - g, g - b): ``h[(r - g + 255) * 511 + (g - b + 255)]``
+      (511² uint8 = 261 KB; unreachable pairs hold 0);
+    * S depends only on (max, min): ``s[max * 256 + min]`` (64 KB); V is the max;
+    * hsv2rgb's sector ``i % 6`` and float32 fraction ``f`` depend only on H (256 entries each).
+    """
+
+    def __init__(self) -> None:
+        d = np.arange(-255, 256)
+        rg, gb = np.meshgrid(d, d, indexing="ij")
+        b = np.maximum(0, np.maximum(-gb, -(rg + gb)))  # the darkest colour with these differences
+        g = b + gb
+        r = g + rg
+        valid = np.maximum(r, np.maximum(g, b)) <= 255
+        rgb = (torch.from_numpy(np.where(valid, c, 0).astype(np.int32)) for c in (r, g, b))
+        h = G.pil_rgb_to_hsv(*rgb)[0].numpy()
+        self.h = np.where(valid, h, 0).astype(np.uint8).ravel()
+        mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+        valid = mn <= mx
+        mx_t = torch.from_numpy(mx.astype(np.int32))
+        mn_t = torch.from_numpy(np.where(valid, mn, 0).astype(np.int32))
+        s = G.pil_rgb_to_hsv(mx_t, mn_t, mn_t)[1].numpy()
+        self.s = np.where(valid, s, 0).astype(np.uint8).ravel()
+        hd = np.arange(256, dtype=np.float64) * 6.0 / 255.0  # (float)h * 6.0 / 255.0, in double
+        i = np.floor(hd)
+        self.f = (hd - i).astype(np.float32)  # f = (float)(... - (float)i)
+        self.sector = (i.astype(np.int64) % 6).astype(np.uint8)
+        # Per sector, which of the packed bytes (v, q, p, t) each output channel takes, as a shift.
+        pick = ("vtp", "qvp", "pvt", "pqv", "tpv", "vpq")
+        self.shift = np.zeros((3, 256), dtype=np.int32)
+        for k, channels in enumerate(pick):
+            for c, name in enumerate(channels):
+                self.shift[c, k] = 8 * "vqpt".index(name)
+
+
+_hue_tables: _HueTables | None = None
+
+
+def hue_tables() -> _HueTables:
+    global _hue_tables
+    if _hue_tables is None:
+        _hue_tables = _HueTables()
+    return _hue_tables
+
+
+# (r - g + 255) * 511 + (g - b + 255) as one affine map on float32 levels (exact: integers < 2^18)
+_HUE_INDEX = np.array([[511.0, -510.0, -1.0, 255.0 * 511 + 255]], dtype=np.float32)
+
+
 def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
-    """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip (see
-    ``gpu_augment.pil_rgb_to_hsv``), the H channel shifted by ``np.int32(hue * 255)`` mod 256."""
-    steps = int(np.int32(hue_factor * 255).astype(np.uint8))  # no shortcut at 0: the trip is lossy
-    t = torch.from_numpy(x).int()
-    r, g, b = G.pil_adjust_hue(t[:, :, 0], t[:, :, 1], t[:, :, 2], steps)
-    return torch.stack((r, g, b), dim=2).to(torch.uint8).numpy()
+    """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip (Convert.c
+    ``rgb2hsv_row`` / ``hsv2rgb``), the H channel shifted by ``np.int32(hue * 255)`` mod 256.
+
+    RGB -> HSV is three table lookups (``_HueTables``). HSV -> RGB follows ``hsv2rgb``: ``fs = f * s``
+    in float32, then ``p, q, t = round(v (255 - {s, fs, s - fs}) / 255)`` in float64, where
+    ``v (255 - ...)`` is exact, the division is C's, and ``floor(. + 0.5)`` is C's ``round`` (checked on
+    all 2^24 HSV triples); each channel then takes v, q, p or t by the hue sector."""
+    steps = np.uint8(np.int32(hue_factor * 255).astype(np.uint8))  # no shortcut at 0: the trip is lossy
+    tab = hue_tables()
+    height, width, _ = x.shape
+    index = cv2.transform(x.astype(np.float32), _HUE_INDEX).astype(np.intp)
+    h = tab.h.take(index)
+    h += steps  # uint8: wraps mod 256
+    r, g, b = cv2.split(x)
+    v = cv2.max(cv2.max(r, g), b)
+    sv = v.astype(np.uint16) << 8
+    sv |= cv2.min(cv2.min(r, g), b)
+    s = tab.s.take(sv)
+    fs = cv2.LUT(h, tab.f)
+    fs *= s.astype(np.float32)  # grey (s = 0): fs = 0 and p = q = t = v, no special case needed
+    k = np.empty((3, height, width), dtype=np.float64)
+    k[0] = fs
+    k[1] = s
+    np.subtract(k[1], k[0], out=k[2])
+    np.subtract(255.0, k, out=k)
+    k *= v
+    k /= 255.0
+    k += 0.5
+    qpt = k.astype(np.uint8)  # truncation of a positive value: floor
+    packed = cv2.merge((v, qpt[0], qpt[1], qpt[2])).view(np.int32)[..., 0]  # bytes v, q, p, t
+    sector = cv2.LUT(h, tab.sector)
+    return cv2.merge([(packed >> cv2.LUT(sector, tab.shift[c])).astype(np.uint8) for c in range(3)])
 
 
 def to_grayscale(x: np.ndarray) -> np.ndarray:
@@ -124,14 +211,13 @@ def pil_box_weights(sigma: float) -> tuple[int, int, int]:
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Pillow's GaussianBlur exactly: three box passes along rows then three along columns, each
     ``(ww * window + fw * (two far pixels) + 2^23) >> 24`` with edge replication. The float64
-    filter sums integer multiples of 2^-24 below 2^8 exactly, so the floor is Pillow's shift."""
+    filter sums integer multiples of 2^-24 below 2^8 exactly (the +0.5 too, as ``delta``), so
+    truncating to uint8 is Pillow's shift."""
     whole, ww, fw = pil_box_weights(sigma)
     kernel = np.array([fw] + [ww] * (2 * whole + 1) + [fw], dtype=np.float64) * 2.0**-24
     for k in (kernel.reshape(1, -1), kernel.reshape(-1, 1)):
         for _ in range(G.BLUR_PASSES):
-            y = cv2.filter2D(x, cv2.CV_64F, k, borderType=cv2.BORDER_REPLICATE)
-            y += 0.5
-            x = np.floor(y, out=y).astype(np.uint8)
+            x = cv2.filter2D(x, cv2.CV_64F, k, delta=0.5, borderType=cv2.BORDER_REPLICATE).astype(np.uint8)
     return x
 
 
