@@ -162,28 +162,29 @@ def hue_tables() -> _HueTables:
 _HUE_INDEX = np.array([[511.0, -510.0, -1.0, 255.0 * 511 + 255]], dtype=np.float32)
 
 
-def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
-    """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip (Convert.c
-    ``rgb2hsv_row`` / ``hsv2rgb``), the H channel shifted by ``np.int32(hue * 255)`` mod 256.
-
-    RGB -> HSV is three table lookups (``_HueTables``). HSV -> RGB follows ``hsv2rgb``: ``fs = f * s``
-    in float32, then ``p, q, t = round(v (255 - {s, fs, s - fs}) / 255)`` in float64, where
-    ``v (255 - ...)`` is exact, the division is C's, and ``floor(. + 0.5)`` is C's ``round`` (checked on
-    all 2^24 HSV triples); each channel then takes v, q, p or t by the hue sector."""
-    steps = np.uint8(np.int32(hue_factor * 255).astype(np.uint8))  # no shortcut at 0: the trip is lossy
+def rgb_to_hsv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's 8-bit RGB -> HSV (Convert.c ``rgb2hsv_row``) of an HxWx3 uint8 array: three HxW uint8
+    arrays from table lookups (``_HueTables``). Checked on all 2^24 colours."""
     tab = hue_tables()
-    height, width, _ = x.shape
     index = cv2.transform(x.astype(np.float32), _HUE_INDEX).astype(np.intp)
-    h = tab.h.take(index)
-    h += steps  # uint8: wraps mod 256
     r, g, b = cv2.split(x)
     v = cv2.max(cv2.max(r, g), b)
-    sv = v.astype(np.uint16) << 8
-    sv |= cv2.min(cv2.min(r, g), b)
-    s = tab.s.take(sv)
+    max_min = v.astype(np.uint16) << 8
+    max_min |= cv2.min(cv2.min(r, g), b)
+    return tab.h.take(index), tab.s.take(max_min), v
+
+
+def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Pillow's 8-bit HSV -> RGB (Convert.c ``hsv2rgb``) of three HxW uint8 arrays, HxWx3 uint8 out.
+
+    ``fs = f * s`` in float32, then ``p, q, t = round(v (255 - {s, fs, s - fs}) / 255)`` in float64:
+    ``v (255 - ...)`` is exact, the division is C's, and ``floor(. + 0.5)`` is C's ``round`` here
+    (checked on all 2^24 HSV triples); each channel then takes v, q, p or t by the hue sector.
+    Grey (s = 0) needs no branch: fs = 0 and p = q = t = v."""
+    tab = hue_tables()
     fs = cv2.LUT(h, tab.f)
-    fs *= s.astype(np.float32)  # grey (s = 0): fs = 0 and p = q = t = v, no special case needed
-    k = np.empty((3, height, width), dtype=np.float64)
+    fs *= s.astype(np.float32)
+    k = np.empty((3, *h.shape), dtype=np.float64)
     k[0] = fs
     k[1] = s
     np.subtract(k[1], k[0], out=k[2])
@@ -195,6 +196,16 @@ def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
     packed = cv2.merge((v, qpt[0], qpt[1], qpt[2])).view(np.int32)[..., 0]  # bytes v, q, p, t
     sector = cv2.LUT(h, tab.sector)
     return cv2.merge([(packed >> cv2.LUT(sector, tab.shift[c])).astype(np.uint8) for c in range(3)])
+
+
+def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
+    """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip, the H channel
+    shifted by ``np.int32(hue * 255)`` mod 256. About 0.5 ms for a 224² view (the torch version in
+    ``gpu_augment``, kept for the device, takes ~10x longer on a CPU core)."""
+    steps = np.uint8(np.int32(hue_factor * 255).astype(np.uint8))  # no shortcut at 0: the trip is lossy
+    h, s, v = rgb_to_hsv(x)
+    h += steps  # uint8: wraps mod 256
+    return hsv_to_rgb(h, s, v)
 
 
 def to_grayscale(x: np.ndarray) -> np.ndarray:

@@ -217,6 +217,23 @@ def test_pillow_hsv_round_trip_is_reproduced_on_a_million_colours():
     assert np.array_equal(torch.stack(back, -1).numpy(), pil)
 
 
+def test_fast_hsv_tables_and_luma_are_pillow_on_a_million_colours():
+    """The fast path's table-driven HSV conversions (and its float32 luma) against Pillow on the same
+    2^20 colours/triples; the full 2^24 sweep of both directions was run once when writing them."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    rgb[0, :256] = np.arange(256, dtype=np.uint8)[:, None]  # greys
+    rgb[1, :256, 0] = np.arange(256)  # all hues at full value / saturation
+    rgb[1, :256, 1:] = [255, 0]
+    rgb[2, :256] = [255, 255, 0]  # every hue channel value on the HSV -> RGB side
+    rgb[2, :256, 0] = np.arange(256)
+    assert np.array_equal(np.stack(FA.rgb_to_hsv(rgb), -1), np.asarray(Image.fromarray(rgb).convert("HSV")))
+    planes = [np.ascontiguousarray(rgb[..., c]) for c in range(3)]
+    pil = np.asarray(Image.frombytes("HSV", (1024, 1024), rgb.tobytes()).convert("RGB"))
+    assert np.array_equal(FA.hsv_to_rgb(*planes), pil)
+    assert np.array_equal(FA.luma(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
+
+
 @pytest.mark.parametrize("sigma", [0.1, 0.45, 0.9, 1.3, 1.77, 2.0])
 def test_fast_blur_is_bit_exact(crop, sigma):
     img, arr = crop
