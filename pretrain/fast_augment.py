@@ -96,7 +96,7 @@ def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
 
 
 def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
-    mean = int(cv2.mean(luma(x))[0] + 0.5)  # PIL rounds the mean luma to an integer
+    mean = int(cv2.mean(_luma_levels(x))[0] + 0.5)  # PIL rounds the mean luma to an integer
     return cv2.LUT(x, _blend_lut(mean, factor))
 
 
@@ -259,11 +259,17 @@ class Normalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+        self._planes = [
+            (np.float32(o), np.float32(c)) for o, c in zip(self.offset.view(3), self.scale.view(3))
+        ]
 
     def __call__(self, x: np.ndarray) -> Tensor:
         out = torch.empty((3, x.shape[0], x.shape[1]), dtype=torch.float32)
-        out.copy_(torch.from_numpy(x).permute(2, 0, 1))
-        return out.sub_(self.offset).mul_(self.scale)
+        planes = out.numpy()
+        for plane, channel, (offset, scale) in zip(planes, cv2.split(x), self._planes):
+            np.subtract(channel, offset, out=plane, dtype=np.float32)  # per plane: no strided pass
+            plane *= scale
+        return out
 
 
 def _rand_below(p: float) -> bool:
