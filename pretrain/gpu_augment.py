@@ -9,9 +9,15 @@ reference recipe's distributions:
   ops per sample), RandomGrayscale(p=0.2), GaussianBlur sigma~U[0.1, 2] with p=0.5;
 * mocov1: RandomGrayscale(p=0.2), then ColorJitter(0.4, 0.4, 0.4, 0.4) always.
 
-The ops follow Pillow's definitions (which the reference uses) in float arithmetic: the same luma
-weights, contrast around the mean luma, hue shifts quantised to 1/255 turn like torchvision's PIL
-backend, and Pillow's blur kernel (three extended box filters, see ``fast_augment.pil_blur_kernel``).
+The ops work on integer 8-bit levels (int32/int64 tensors) with Pillow's own arithmetic, so for the
+same parameters they give the reference's pixels bit for bit: the fixed-point luma, ``Image.blend``'s
+float32 formula with truncation (brightness, contrast around the rounded mean luma, saturation), the
+8-bit HSV round trip for hue (``pil_rgb_to_hsv`` / ``pil_hsv_to_rgb``, checked on all 2^24 inputs;
+shifts of whole 1/255 turns, as torchvision's PIL backend), and Pillow's blur as six fixed-point box
+passes (``pil_gaussian_blur``). ``GPUAugment`` is sync-free: every op runs on the whole batch and
+``torch.where`` keeps it per sample, and the blur uses a fixed tap count, so nothing is read back to
+the host. (The CPU path, ``pretrain.fast_augment``, reuses these definitions but does hue with lookup
+tables built from them and the blur with OpenCV: the torch versions cost ~10x more on one core.)
 """
 
 from __future__ import annotations
