@@ -75,7 +75,12 @@ def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
     if arch not in ARCHS:
         raise UserError(f"cannot validate a {arch!r} backbone; supported: {', '.join(ARCHS)}")
     spec = ARCHS[arch]
-    cfg = load_detection_config(str(config_file)).clone()
+    try:
+        cfg = load_detection_config(str(config_file)).clone()
+    except (AttributeError, TypeError):  # yacs on a YAML list / scalar (load_config catches the rest)
+        raise UserError(
+            f"config file {str(config_file)!r} is not a YAML mapping of config keys (KEY: value)"
+        ) from None
     cfg.defrost()
     if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.BACKBONE.NAME != "build_resnet_backbone":
         raise UserError(
