@@ -120,6 +120,11 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[str, int]], l
     A sample's label is the class folder directly under ``root`` it was found in.
     """
     root = os.fspath(root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(
+            f"image folder {display_path(root)!r} is a file, not a folder (expected "
+            f"{display_path(root)}/<class>/<image>)"
+        )
     if not os.path.isdir(root):
         raise UserError(
             f"image folder {display_path(root)!r} does not exist (expected {display_path(root)}/<class>/<image>)"

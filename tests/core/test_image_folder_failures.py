@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from moco_d2.core.errors import UserError
 from moco_d2.core.images import (
     build_eval_transform,
     build_lincls_train_transform,
@@ -148,3 +150,9 @@ def test_non_utf8_file_name_is_reported_in_one_printable_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "caf\\xe9.png" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_root_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(UserError, match=r"'.*data' is a file, not a folder"):
+        scan_image_folder(tmp_path / "data")
