@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from torch import nn
 
 import detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the C4 ROI head the configs name)
 from convert.mapping import detectron2_model_key, torchvision_to_detectron2_key
+from detection.config import load_detection_config
 from detection.weights import fresh_category
 from moco_d2.core.backbone import ARCHS
 from moco_d2.core.errors import UserError
@@ -59,7 +60,13 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
-    """The detection config, with the ResNet shape taken from the checkpoint, on the CPU."""
+    """The detection config, with the ResNet shape taken from the checkpoint, on the CPU.
+
+    Read like ``detection/train_net.py`` reads it (Detectron2's defaults plus this project's keys:
+    ``DATASETS.VOC_CUSTOM``, ``MODEL.RANDOM_INIT``, ...), so every config train_net accepts validates
+    here; its MODEL.WEIGHTS and RANDOM_INIT do not matter (the converted file is what gets loaded).
+    A malformed or unknown-key file is a one-line UserError.
+    """
     repo_copy = Path(__file__).resolve().parents[1] / config_file
     if not os.path.isfile(config_file) and not os.path.isabs(config_file) and repo_copy.is_file():
         config_file = repo_copy  # the repo's own configs also work when run from another directory
@@ -68,8 +75,19 @@ def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
     if arch not in ARCHS:
         raise UserError(f"cannot validate a {arch!r} backbone; supported: {', '.join(ARCHS)}")
     spec = ARCHS[arch]
-    cfg = get_cfg()
-    cfg.merge_from_file(str(config_file))
+    try:
+        cfg = load_detection_config(str(config_file)).clone()
+    except (AttributeError, TypeError):  # yacs on a YAML list / scalar (load_config catches the rest)
+        raise UserError(
+            f"config file {str(config_file)!r} is not a YAML mapping of config keys (KEY: value)"
+        ) from None
+    cfg.defrost()
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.BACKBONE.NAME != "build_resnet_backbone":
+        raise UserError(
+            f"detection config {str(config_file)!r}: converted weights are validated in a C4 detector "
+            f"(MODEL.META_ARCHITECTURE GeneralizedRCNN, MODEL.BACKBONE.NAME build_resnet_backbone), "
+            f"this config builds {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.BACKBONE.NAME}"
+        )
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = spec.depth
@@ -93,7 +111,13 @@ class DetectorTarget:
 def build_c4_model(arch: str, config_file: str | os.PathLike) -> DetectorTarget:
     """Build the detector the converted weights are meant for (build it once and reuse it: ~1 s for R50)."""
     cfg = detectron2_cfg(arch, config_file)
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except (KeyError, ValueError, AssertionError, TypeError, RuntimeError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(
+            f"detection config {str(config_file)!r}: Detectron2 cannot build its model: {message}"
+        ) from None
     model.eval()
     return DetectorTarget(model=model, arch=arch, config_file=str(config_file), cfg=cfg)
 

@@ -33,7 +33,17 @@ from moco_d2.core.distributed import (
     is_main_process,
 )
 from moco_d2.core.errors import UserError, exit_on_user_error
-from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, labelled_split_pair
+from moco_d2.core.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SkippingView,
+    Unreadable,
+    build_eval_transform,
+    check_bad_fraction,
+    collate_readable,
+    display_path,
+    labelled_split_pair,
+)
 from moco_d2.core.io import write_json_atomic
 from moco_d2.core.metrics import progress, setup_logging
 
@@ -42,12 +52,14 @@ logger = logging.getLogger("moco")
 __all__ = [
     "ResNetTrunk",
     "ShardSampler",
+    "eval_batches",
     "extract_features",
     "gather_uneven",
     "knn_class_scores",
     "knn_defaults",
     "knn_evaluate",
     "make_eval_loader",
+    "skipped_over_ranks",
     "topk_correct",
 ]
 
@@ -143,7 +155,14 @@ class ShardSampler(Sampler[int]):
 def make_eval_loader(
     dataset: Dataset, batch_size: int, num_workers: int = 4, pin_memory: bool = True
 ) -> DataLoader:
-    """Sequential, sharded, non-padded loader for feature extraction (kNN bank/queries, validation)."""
+    """Sequential, sharded, non-padded loader for feature extraction (kNN bank/queries, validation).
+
+    Batches are ``(images, targets, skipped paths)``. An image folder (``SafeImageFolder``) is read
+    through its :meth:`~moco_d2.core.images.SafeImageFolder.skipping` view: an unreadable file is
+    dropped and reported, never replaced by another image, so every distinct readable image counts once.
+    """
+    if hasattr(dataset, "skipping"):
+        dataset = dataset.skipping()
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -152,7 +171,49 @@ def make_eval_loader(
         pin_memory=pin_memory and torch.cuda.is_available(),
         persistent_workers=False,
         drop_last=False,
+        collate_fn=collate_readable,
     )
+
+
+def eval_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[str]]]:
+    """``(images, targets, skipped)`` from a ``make_eval_loader`` loader, or from a plain 2-tuple loader."""
+    for batch in loader:
+        if len(batch) == 3:
+            yield batch
+        else:
+            yield batch[0], batch[1], []
+
+
+def skipped_over_ranks(skipped: list[str], loader: DataLoader | None = None) -> list[str]:
+    """The unreadable files skipped by every rank (sorted); checked against the dataset's bad-file limit.
+
+    Each rank only counts the files of its own shard (and, with loader workers, each worker its own),
+    so the limit (``DATA.MAX_BAD_FRACTION``) is checked here again on the total.
+    """
+    names = list(skipped)
+    if get_world_size() > 1:
+        parts: list[list[str] | None] = [None] * get_world_size()
+        torch.distributed.all_gather_object(parts, names)
+        names = [n for p in parts for n in (p or [])]
+    names = sorted(set(names))
+    dataset = getattr(loader, "dataset", None)
+    if names and isinstance(dataset, SkippingView):
+        check_bad_fraction(len(names), len(dataset), dataset.max_bad_fraction, dataset.root)
+    return names
+
+
+def report_skipped(what: str, names: list[str], limit: int = 20) -> dict:
+    """Results fields for skipped files (``num_skipped`` and at most ``limit`` names), also logged."""
+    shown = [display_path(n) for n in names[:limit]]
+    if names and is_main_process():
+        logger.warning(
+            "%s: %d unreadable image(s) skipped and not counted: %s%s",
+            what,
+            len(names),
+            ", ".join(shown),
+            " ..." if len(names) > limit else "",
+        )
+    return {"num_skipped": len(names), "skipped": shown}
 
 
 @torch.no_grad()
@@ -176,15 +237,21 @@ def extract_features(
     feature_dtype: torch.dtype = torch.float32,
     amp: bool = False,
     desc: str = "features",
+    skipped: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features and labels of this rank's share of ``loader`` (model in eval mode).
 
     ``amp`` runs the model in bf16 on CUDA: faster, but features then carry ~3 significant digits.
+    Unreadable files (dropped by ``make_eval_loader``) are appended to ``skipped`` when it is given.
     """
     use_amp = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     feats, labels = [], []
-    bar = progress(loader, total=len(loader), desc=desc, enabled=is_main_process())
-    for images, target in bar:
+    bar = progress(eval_batches(loader), total=len(loader), desc=desc, enabled=is_main_process())
+    for images, target, bad in bar:
+        if skipped is not None:
+            skipped.extend(bad)
+        if images is None:  # the whole batch was unreadable
+            continue
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             f = model(images)
@@ -200,8 +267,12 @@ def extract_features(
 
 
 def _output_dim(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
-    image = loader.dataset[0][0].unsqueeze(0).to(device)
-    return model(image).flatten(1).shape[1]
+    for i in range(len(loader.dataset)):
+        item = loader.dataset[i]
+        if not isinstance(item, Unreadable):
+            return model(item[0].unsqueeze(0).to(device)).flatten(1).shape[1]
+    root = getattr(loader.dataset, "root", "the dataset")
+    raise UserError(f"no readable image in {display_path(str(root))!r}")
 
 
 @torch.no_grad()
@@ -223,6 +294,8 @@ def knn_evaluate(
     Each rank extracts its shard of both loaders (use ``make_eval_loader``: no padding, exact counts);
     the training features are gathered on every rank, each rank classifies its own validation shard,
     and hit counts are summed. The backbone's train/eval mode is restored afterwards.
+    ``num_train`` / ``num_val`` count distinct readable images; unreadable ones are left out and
+    reported in ``num_skipped`` / ``skipped`` (at most 20 names).
     """
     if device is None:
         device = next(backbone.parameters()).device
@@ -231,12 +304,21 @@ def knn_evaluate(
     bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
     was_training = backbone.training
     backbone.eval()
+    bad_train: list[str] = []
+    bad_val: list[str] = []
     try:
-        bank, bank_labels = extract_features(backbone, train_loader, device, bank_dtype, amp, "kNN bank")
+        bank, bank_labels = extract_features(
+            backbone, train_loader, device, bank_dtype, amp, "kNN bank", bad_train
+        )
         bank, bank_labels = gather_uneven(bank), gather_uneven(bank_labels)
-        queries, labels = extract_features(backbone, val_loader, device, bank_dtype, amp, "kNN queries")
+        queries, labels = extract_features(
+            backbone, val_loader, device, bank_dtype, amp, "kNN queries", bad_val
+        )
     finally:
         backbone.train(was_training)
+    skipped = skipped_over_ranks(bad_train, train_loader) + skipped_over_ranks(bad_val, val_loader)
+    if bank.shape[0] == 0:
+        raise UserError("kNN: no readable image in the memory bank (training split)")
     if queries.shape[0]:
         scores = knn_class_scores(queries, bank, bank_labels, num_classes, k, t, query_chunk, bank_chunk)
         hits = topk_correct(scores, labels, ks=(1, 5)).sum(dim=0)
@@ -258,6 +340,7 @@ def knn_evaluate(
         "num_val": int(n),
         "k": min(k, int(bank.shape[0])),
         "t": float(t),
+        **report_skipped("kNN", skipped),
     }
 
 

@@ -52,7 +52,13 @@ from moco_d2.core.images import (
 )
 from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, write_json_atomic
 from moco_d2.core.metrics import AverageMeter, MetricWriter, progress, setup_logging
-from moco_d2.evaluation.knn import make_eval_loader, topk_correct
+from moco_d2.evaluation.knn import (
+    eval_batches,
+    make_eval_loader,
+    report_skipped,
+    skipped_over_ranks,
+    topk_correct,
+)
 
 logger = logging.getLogger("moco")
 
@@ -200,6 +206,11 @@ def sanity_check(model: nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
 # Training
 
 
+def _scalars(metrics: dict) -> dict:
+    """The accuracy and loss of an :func:`evaluate` result (what goes to metrics.jsonl / TensorBoard)."""
+    return {k: metrics[k] for k in ("top1", "top5", "loss")}
+
+
 def lr_at(cfg: CfgNode, epoch: int) -> float:
     """Step schedule: BASE_LR x GAMMA^(number of STEPS reached)."""
     return cfg.SOLVER.BASE_LR * cfg.SOLVER.GAMMA ** sum(epoch >= m for m in cfg.SOLVER.STEPS)
@@ -243,12 +254,20 @@ def _datasets(cfg: CfgNode):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> dict[str, float]:
-    """Top-1/top-5 (percent) and loss over the whole validation set; exact over all ranks."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> dict:
+    """Top-1/top-5 (percent) and loss over the whole validation set; exact over all ranks.
+
+    Also ``num_val`` (distinct readable images evaluated) and ``skipped`` (the unreadable files left
+    out, over all ranks; ``make_eval_loader`` drops them instead of substituting another image).
+    """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1 hits, top5 hits, loss sum, count
-    bar = progress(loader, total=len(loader), desc="val", enabled=is_main_process())
-    for images, target in bar:
+    skipped: list[str] = []
+    bar = progress(eval_batches(loader), total=len(loader), desc="val", enabled=is_main_process())
+    for images, target, bad in bar:
+        skipped.extend(bad)
+        if images is None:  # the whole batch was unreadable
+            continue
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images).float()
@@ -258,9 +277,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
             [hits[0], hits[1], loss, torch.tensor(float(len(target)), device=device)]
         ).double()
     bar.close()
-    top1, top5, loss, n = all_reduce_sum(sums).tolist()
-    n = max(n, 1.0)
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n}
+    top1, top5, loss, count = all_reduce_sum(sums).tolist()
+    skipped = skipped_over_ranks(skipped, loader)
+    n = max(count, 1.0)
+    return {
+        "top1": 100 * top1 / n,
+        "top5": 100 * top5 / n,
+        "loss": loss / n,
+        "num_val": int(count),
+        "skipped": skipped,
+    }
 
 
 # Long (186 lines) pending the shared epoch-loop refactor (issue 15, point d): resume, per-epoch train/eval,
@@ -399,7 +425,7 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
         is_best = last["top1"] > best["top1"]
         if is_best:
             best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
-        writer.write(iteration, {**last, "epoch": epoch + 1}, prefix="val")
+        writer.write(iteration, {**_scalars(last), "epoch": epoch + 1}, prefix="val")
         writer.flush()
         if main:
             logger.info(
@@ -433,6 +459,7 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
         sanity_check(model, pretrained)
     if math.isnan(last["top1"]):  # resumed after the last epoch: report the final checkpoint's numbers
         last = evaluate(model, val_loader, device, amp)
+    skipped = report_skipped(f"validation ({cfg.DATA.VAL_SPLIT}/)", last["skipped"])
     results = {
         "top1": last["top1"],
         "top5": last["top5"],
@@ -445,6 +472,8 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
         "kind": kind,
         "num_classes": num_classes,
         "crop_size": cfg.DATA.CROP_SIZE,
+        "num_val": last["num_val"],
+        **skipped,
         "sanity_check": "passed" if pretrained is not None else "not applicable (backbone trained)",
     }
     if main:
