@@ -118,7 +118,9 @@ def test_error_with_loader_workers_exits_promptly(data, one_epoch, tmp_path, fai
         preexec_fn=preexec,
     )
     try:
-        _, err = proc.communicate(timeout=180)  # a quiet 2-core machine needs ~20 s
+        _, err = proc.communicate(
+            timeout=int(os.environ.get("HANG_TIMEOUT", "180"))
+        )  # a quiet 2-core machine needs ~20 s
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
