@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,33 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], Any]) -> None:
         os.close(dir_fd)
 
 
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # write_atomic's temp names (pid inside)
+
+
+def remove_stale_temp_files(directory: str) -> None:
+    """Delete the temp files of :func:`write_atomic` whose writer is gone (a kill -9 mid-save)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = _TMP_RE.match(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            logger.warning(
+                "removed %s, a temp file left by an interrupted save", os.path.join(directory, name)
+            )
+
+
 class VerifiedCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that logs matched/unmatched tensors and verifies the backbone loaded.
 
@@ -130,6 +158,8 @@ class VerifiedCheckpointer(DetectionCheckpointer):
 
     def __init__(self, model, save_dir: str = "", *, require_backbone: bool = True, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
+        if save_dir and self.save_to_disk:  # the main process, before it saves anything
+            remove_stale_temp_files(save_dir)
         self.require_backbone = require_backbone
         self.last_report: LoadReport | None = None
         self._source = ""

@@ -28,7 +28,7 @@ from moco_d2.core.config import default_argument_parser, load_config, pretrain_d
 from moco_d2.core.distributed import DistInfo
 from moco_d2.core.errors import UserError, exit_on_user_error
 from moco_d2.core.images import SafeImageFolder, build_eval_transform, mix_seed
-from moco_d2.core.io import CheckpointManager, choose_resume, load_checkpoint, save_atomic
+from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, save_atomic
 from moco_d2.core.metrics import MetricWriter, progress, setup_logging
 from pretrain.augment import build_pretrain_transform
 from pretrain.augment.device import build_device_stage, normalize_on_device
@@ -59,6 +59,12 @@ def check_config(cfg: CfgNode, world_size: int) -> None:
         raise UserError(
             f"SOLVER.BATCH_SIZE={batch} must be a positive multiple of the {world_size} processes"
         )
+    if k <= 0:
+        raise UserError(
+            f"MODEL.K={k}: the queue needs a positive size, a multiple of SOLVER.BATCH_SIZE={batch}"
+        )
+    if int(cfg.MODEL.DIM) <= 0:
+        raise UserError(f"MODEL.DIM must be positive, got {cfg.MODEL.DIM}")
     if k % batch:
         raise UserError(f"MODEL.K={k} must be a multiple of the global batch SOLVER.BATCH_SIZE={batch}")
     splits = bn_splits_for(cfg, world_size)
@@ -76,6 +82,24 @@ def check_config(cfg: CfgNode, world_size: int) -> None:
         raise UserError(f"SOLVER.SCHEDULE must be 'cosine' or 'step', got {cfg.SOLVER.SCHEDULE!r}")
     if int(cfg.SOLVER.EPOCHS) <= 0:
         raise UserError(f"SOLVER.EPOCHS must be positive, got {cfg.SOLVER.EPOCHS}")
+    if int(cfg.DATA.NUM_WORKERS) < 0:
+        raise UserError(
+            f"DATA.NUM_WORKERS must be >= 0 (0 = load in the main process), got {cfg.DATA.NUM_WORKERS}"
+        )
+    if int(cfg.DATA.NUM_WORKERS) > 0 and int(cfg.DATA.PREFETCH_FACTOR) < 1:
+        raise UserError(f"DATA.PREFETCH_FACTOR must be >= 1, got {cfg.DATA.PREFETCH_FACTOR}")
+    if int(cfg.LOG.PERIOD) < 1:
+        raise UserError(f"LOG.PERIOD must be >= 1 (iterations between log lines), got {cfg.LOG.PERIOD}")
+    if int(cfg.CHECKPOINT.PERIOD_ITERS) < 0 or int(cfg.CHECKPOINT.KEEP_LAST) < 1:
+        raise UserError(
+            f"need CHECKPOINT.PERIOD_ITERS >= 0 and CHECKPOINT.KEEP_LAST >= 1, got "
+            f"{cfg.CHECKPOINT.PERIOD_ITERS} and {cfg.CHECKPOINT.KEEP_LAST}"
+        )
+    if int(cfg.TRAIN.MAX_ITERS) < 0:
+        raise UserError(f"TRAIN.MAX_ITERS must be >= 0 (0 = no limit), got {cfg.TRAIN.MAX_ITERS}")
+    if cfg.RESUME not in ("", "auto") and not Path(cfg.RESUME).is_file():
+        what = "a directory" if Path(cfg.RESUME).is_dir() else "missing"
+        raise UserError(f"RESUME {cfg.RESUME!r} is {what}; expected '', 'auto' or a checkpoint file")
 
 
 def build_model(cfg: CfgNode, world_size: int) -> MoCo:
@@ -345,9 +369,12 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     check_config(cfg, world)
     out = Path(cfg.OUTPUT_DIR)
     resume = find_resume(cfg)  # before anything is written to OUTPUT_DIR
+    manager = CheckpointManager(out, keep_last=cfg.CHECKPOINT.KEEP_LAST)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.dump())
+        manager.remove_stale_temp_files()  # left by a killed save; this process is OUTPUT_DIR's only writer
+        text = cfg.dump()  # replaces a symlink planted at config.yaml, never writes through it
+        atomic_write(out / "config.yaml", lambda f: f.write(text.encode()), what="config")
     images, sampler, loader = build_train_data(cfg, info)
     bad_tracker = BadImageTracker(len(images), cfg.DATA.MAX_BAD_FRACTION, images.root)
     steps_per_epoch = sampler.steps_per_epoch
@@ -378,8 +405,10 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
         else None
     )
 
-    manager = CheckpointManager(out, keep_last=cfg.CHECKPOINT.KEEP_LAST)
-    writer = MetricWriter(out, enabled=main, tensorboard=cfg.LOG.TENSORBOARD)
+    # Continuing (RESUME auto / a path) re-runs the iterations after the checkpoint: drop their old records.
+    writer = MetricWriter(
+        out, enabled=main, tensorboard=cfg.LOG.TENSORBOARD, resume_step=iteration if cfg.RESUME else None
+    )
     logger.info(
         "MoCo %s: %d process(es), global batch %d, %d BN group(s) per process, %d steps/epoch, "
         "epochs %d, K %d, T %g, device %s, amp %s",
@@ -515,9 +544,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = default_argument_parser("MoCo pretraining").parse_args(argv)
     cfg = load_config(pretrain_defaults(), args.config_file, args.opts)
     info = dist_utils.init_distributed(cfg.TRAIN.DEVICE)
+    check_config(cfg, info.world_size)  # before OUTPUT_DIR is created
     setup_logging(cfg.OUTPUT_DIR, info.rank)
     try:
         result = train(cfg, info)
+    except BaseException:
+        # The loader workers ignore SIGTERM (a preemption notice must not kill them before the
+        # checkpoint): end them here, or the interpreter's exit handler waits for them forever.
+        dist_utils.kill_workers()
+        raise
     finally:
         dist_utils.cleanup()
     if result.get("signal"):  # stopped cleanly by a signal: report it the way the shell would (128 + N)

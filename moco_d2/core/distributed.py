@@ -6,7 +6,9 @@ identity, so the same training code serves one CPU, one GPU, eight GPUs and many
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import multiprocessing
 import os
 import signal
 import threading
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from moco_d2.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInf
 
     ``device``: "auto" picks CUDA when available; NCCL goes with CUDA, gloo with the CPU.
     """
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"TRAIN.DEVICE must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("TRAIN.DEVICE is 'cuda' but no CUDA GPU is available here; use 'cpu' or 'auto'")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -120,9 +128,48 @@ def cleanup() -> None:
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: a cluster signals every process of a job; the trainer stops cleanly
-    and shuts its workers down itself, so they must not die first (they still exit with their parent)."""
+    and shuts its workers down itself, so they must not die first.
+
+    They ignore SIGTERM, so whoever starts them must end them on an error with :func:`kill_workers`
+    (multiprocessing's exit handler would SIGTERM them and wait forever); on Linux they also get
+    SIGKILL as soon as their parent dies.
+    """
     for sig in StopSignals.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the DataLoader's own watchdog still notices
+        pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def kill_workers(timeout: float = 10.0) -> None:
+    """SIGKILL this process's multiprocessing children (loader workers) and reap them.
+
+    For the error path of a process whose workers ignore SIGTERM (:func:`ignore_stop_signals`): without
+    it, the interpreter's exit handler terminates them with SIGTERM and joins them forever.
+    """
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        # The DataLoader's SIGCHLD handler would turn the killed workers into a second error.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            child.kill()
+    for child in children:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            child.join(timeout)
 
 
 class StopSignals:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import pickle
 import re
@@ -14,6 +16,8 @@ from typing import Any, BinaryIO
 import torch
 
 from moco_d2.core.errors import UserError
+
+logger = logging.getLogger("moco")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -27,6 +31,28 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class _RecordingFile:
+    """A file object that remembers the OSError a ``write`` raised: ``torch.save`` reports a full disk or
+    ``ulimit -f`` as an opaque RuntimeError ("unexpected pos ..."), so the cause is taken from here."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+_ENOSPC_HINT = " (disk full or file size limit: free space, then continue; the previous file is intact)"
 
 
 def current_umask() -> int:
@@ -56,13 +82,21 @@ def atomic_write(
         raise UserError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
     try:
+        recorder = None
         try:
             with os.fdopen(fd, "wb") as f:
-                write(f)
+                recorder = _RecordingFile(f)
+                write(recorder)  # type: ignore[arg-type]
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as exc:
-            raise UserError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
+        except Exception as exc:
+            cause = exc if isinstance(exc, OSError) else recorder.error if recorder is not None else None
+            if cause is None:
+                raise  # not an I/O problem (e.g. an object that cannot be saved): a bug, keep its traceback
+            raise UserError(
+                f"cannot write {what} {str(path)!r}: {cause.strerror or cause}"
+                f"{_ENOSPC_HINT if cause.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ''}"
+            ) from None
         if check is not None:
             check(tmp)
         try:
@@ -126,12 +160,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 _CKPT_RE = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
 
 
+_TMP_RE = re.compile(r"^\.(?:checkpoint_\d+(?:_iter\d+)?|model_final)\.pth\..+\.tmp$")
+
+
 class CheckpointManager:
-    """Saves ``checkpoint_*.pth`` in ``out_dir``, keeps the last ``keep_last``, finds the newest valid one."""
+    """Saves ``checkpoint_*.pth`` in ``out_dir``, keeps the last ``keep_last``, finds the newest valid one.
+
+    Rotation never deletes a checkpoint in favour of one that does not load: only checkpoints this
+    manager wrote, or that it loaded successfully, count towards ``keep_last``; a torn file newer than
+    those is left alone (``latest_valid`` skips it with a warning) and goes once it is old enough.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, keep_last: int = 3) -> None:
         self.out_dir = Path(out_dir)
         self.keep_last = max(1, int(keep_last))
+        self._written: set[str] = set()
+        self._checked: dict[str, tuple[tuple[int, int], bool]] = {}  # name -> ((size, mtime), loads)
 
     @staticmethod
     def name_for(epoch: int, step_in_epoch: int | None = None, iteration: int | None = None) -> str:
@@ -142,6 +186,8 @@ class CheckpointManager:
 
     def save(self, state: dict, name: str) -> Path:
         path = save_atomic(state, self.out_dir / name)
+        self._written.add(path.name)
+        self._checked.pop(path.name, None)
         self._rotate()
         return path
 
@@ -160,19 +206,63 @@ class CheckpointManager:
                 found.append(((epoch, 0 if it is None else 1, it or 0), p))
         return [p for _, p in sorted(found)]
 
+    def _loads(self, path: Path) -> tuple[bool, str]:
+        """Whether ``path`` loads (cached per size and mtime); the reason when it does not."""
+        if path.name in self._written:
+            return True, ""
+        try:
+            st = path.stat()
+        except OSError as exc:
+            return False, exc.strerror or str(exc)
+        key = (st.st_size, st.st_mtime_ns)
+        cached = self._checked.get(path.name)
+        if cached is not None and cached[0] == key:
+            return cached[1], "does not load"
+        try:
+            load_checkpoint(path)
+            ok, why = True, ""
+        except UserError as exc:
+            ok, why = False, str(exc)
+        self._checked[path.name] = (key, ok)
+        return ok, why
+
     def _rotate(self) -> None:
-        for p in self.checkpoints()[: -self.keep_last]:
-            p.unlink(missing_ok=True)
+        kept = 0
+        for p in reversed(self.checkpoints()):
+            if kept >= self.keep_last:
+                p.unlink(missing_ok=True)
+            elif self._loads(p)[0]:
+                kept += 1
+            # else: a file that does not load never counts and is never a reason to delete a good one
 
     def latest_valid(self) -> Path | None:
-        """Newest checkpoint that actually loads; a torn or corrupt newest file falls back to the one before."""
+        """Newest checkpoint that actually loads; a torn or corrupt newest file falls back to the one before
+        (with a warning naming it)."""
         for p in reversed(self.checkpoints()):
-            try:
-                load_checkpoint(p)
-            except UserError:
-                continue
-            return p
+            ok, why = self._loads(p)
+            if ok:
+                return p
+            logger.warning("skipping %s: %s; trying the checkpoint before it", p.name, why)
         return None
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temp files (``.checkpoint_*.pth.*.tmp``) a killed run left behind.
+
+        Call it only from the one process that writes ``out_dir``, before it writes anything.
+        """
+        removed = []
+        if not self.out_dir.is_dir():
+            return removed
+        for p in self.out_dir.iterdir():
+            if _TMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+                try:
+                    size = p.stat().st_size
+                    p.unlink()
+                except OSError:
+                    continue
+                removed.append(p)
+                logger.warning("removed %s (%d bytes), a temp file left by an interrupted save", p, size)
+        return removed
 
 
 def choose_resume(resume: str, out_dir: str | os.PathLike) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -12,9 +13,49 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moco_d2.core.errors import UserError
+from moco_d2.core.io import atomic_write
+
 T = TypeVar("T")
 
 logger = logging.getLogger("moco")
+
+
+def _cannot(what: str, path: Path, exc: OSError) -> UserError:
+    if exc.errno == errno.ELOOP:
+        return UserError(f"{what} {str(path)!r} is a symlink; refusing to write through it (remove it)")
+    return UserError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}")
+
+
+def open_append(path: str | os.PathLike, what: str = "log"):
+    """``open(path, "a")`` that never follows a symlink planted at ``path``; errors are one line."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except OSError as exc:
+        raise _cannot(what, path, exc) from None
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, key: str = "OUTPUT_DIR") -> Path:
+    """Create ``out_dir``; a path that cannot be a writable directory is a one-line UserError."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{key} {str(out)!r} cannot be created: {exc.strerror or exc}") from None
+    if not out.is_dir():
+        raise UserError(f"{key} {str(out)!r} is not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {str(out)!r} is not writable")
+    return out
+
+
+class _NoFollowFileHandler(logging.FileHandler):
+    """A FileHandler that appends without following a symlink."""
+
+    def _open(self):
+        return open_append(self.baseFilename, "log file")
 
 
 class AverageMeter:
@@ -45,18 +86,28 @@ class MetricWriter:
     Only the main process should write (``enabled=False`` elsewhere), so files are never interleaved.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        """``resume_step``: the run continues after that step, so records of later steps (written before
+        a kill, re-run now) are dropped first: the file never holds a step twice."""
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(self.path.parent)
+        if resume_step is not None:
+            self.drop_after(resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
+                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tb"), purge_step=resume_step)
             except Exception as exc:  # TensorBoard is optional; metrics.jsonl is the record
                 logger.warning("TensorBoard disabled: %s", exc)
 
@@ -72,8 +123,30 @@ class MetricWriter:
                     self._tb.add_scalar(name, float(value), int(step))
             else:
                 record[name] = value
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open_append(self.path, "metrics file") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise _cannot("metrics file", self.path, exc) from None
+
+    def drop_after(self, step: int) -> None:
+        """Rewrite metrics.jsonl (atomically) without the records of steps after ``step``."""
+        if not self.path.is_file() or self.path.is_symlink():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line (killed mid-write) or not a record: dropped too
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            atomic_write(self.path, lambda f: f.write("".join(kept).encode()), what="metrics file")
+            logger.info(
+                "metrics.jsonl: dropped %d record(s) after step %d (re-run now)", len(lines) - len(kept), step
+            )
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -148,9 +221,9 @@ def setup_logging(
     console.setFormatter(fmt)
     log.addHandler(console)
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(out_dir)
         fname = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
-        fh = logging.FileHandler(Path(out_dir) / fname)
+        fh = _NoFollowFileHandler(Path(out_dir) / fname)
         fh.setFormatter(fmt)
         log.addHandler(fh)
     return log

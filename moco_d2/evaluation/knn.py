@@ -404,6 +404,10 @@ def run(cfg: CfgNode, device: torch.device) -> dict:
     """Evaluate ``cfg.MODEL.WEIGHTS`` and write OUTPUT_DIR/knn_results.json (main process)."""
     if cfg.KNN.K < 1 or cfg.KNN.T <= 0:
         raise UserError(f"KNN.K must be >= 1 and KNN.T > 0, got {cfg.KNN.K} and {cfg.KNN.T}")
+    if cfg.DATA.NUM_WORKERS < 0 or cfg.DATA.BATCH_SIZE < 1:
+        raise UserError(
+            f"need DATA.NUM_WORKERS >= 0 and DATA.BATCH_SIZE >= 1, got {cfg.DATA.NUM_WORKERS} and {cfg.DATA.BATCH_SIZE}"
+        )
     if cfg.DATA.CROP_SIZE < 1 or cfg.DATA.RESIZE < cfg.DATA.CROP_SIZE:
         raise UserError(
             f"DATA.RESIZE ({cfg.DATA.RESIZE}) must be >= DATA.CROP_SIZE ({cfg.DATA.CROP_SIZE}) >= 1"

@@ -235,6 +235,10 @@ def _check_cfg(cfg: CfgNode, world_size: int) -> None:
         raise UserError(f"SOLVER.BATCH_SIZE {s.BATCH_SIZE} is not divisible by the {world_size} processes")
     if s.EPOCHS < 1 or s.BATCH_SIZE < 1:
         raise UserError("SOLVER.EPOCHS and SOLVER.BATCH_SIZE must be >= 1")
+    if cfg.DATA.NUM_WORKERS < 0:
+        raise UserError(
+            f"DATA.NUM_WORKERS must be >= 0 (0 = load in the main process), got {cfg.DATA.NUM_WORKERS}"
+        )
     if not (math.isfinite(s.BASE_LR) and s.BASE_LR > 0):
         raise UserError(f"SOLVER.BASE_LR must be a positive number, got {s.BASE_LR}")
     if cfg.DATA.CROP_SIZE < 1 or cfg.DATA.RESIZE < cfg.DATA.CROP_SIZE:
