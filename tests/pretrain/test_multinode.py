@@ -39,7 +39,7 @@ def makefile_command(data: Path, out: Path, node_rank: int, port: int) -> list[s
     )  # fmt: skip
     argv = shlex.split(dry.stdout.strip().splitlines()[-1])
     at = argv.index("pretrain.train")  # run that module in float64: "-m pretrain.train" -> run_float64.py
-    assert argv[at - 1] == "-m" and "pretrain.launch" in argv and f"--node_rank={node_rank}" in argv
+    assert argv[at - 1] == "-m" and "moco_d2.core.launch" in argv and f"--node_rank={node_rank}" in argv
     return [*argv[: at - 1], str(ROOT / "tests" / "run_float64.py"), *argv[at:]]
 
 
