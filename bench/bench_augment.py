@@ -22,6 +22,26 @@ from bench.common import environment, make_jpegs, print_json, print_table, timed
 from pretrain.augment.device import GPUAugment
 from pretrain.augment.reference import TwoCropsTransform, mocov1_reference, mocov2_reference
 
+PHOTO_DIR = Path("/usr/share/backgrounds")  # Debian lomiri-wallpapers-16.04 / -20.04 (JPEG photos)
+
+
+def real_jpegs(folder: str, count: int) -> list[Path]:
+    """``count`` ImageNet-sized JPEGs (longer side 500, quality 90) cut from the real photographs of
+    Debian's lomiri-wallpapers packages; [] when none are installed."""
+    photos = sorted(PHOTO_DIR.glob("*.jpg")) if PHOTO_DIR.is_dir() else []
+    paths: list[Path] = []
+    for i in range(count if photos else 0):
+        with Image.open(photos[i % len(photos)]) as im:
+            im.draft("RGB", (1000, 1000))
+            im = im.convert("RGB")
+            im.thumbnail((500, 500), Image.BILINEAR)
+            if i >= len(photos):  # more files than photos: mirrored copies decode the same
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            path = Path(folder) / f"photo{i:04d}.jpg"
+            im.save(path, "JPEG", quality=90)
+            paths.append(path)
+    return paths
+
 
 def load(path: Path) -> Image.Image:
     """The official loader: PIL decode + convert("RGB")."""
@@ -52,6 +72,18 @@ def gpu_augment_rate(device: str, batch: int, size: int, repeats: int) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
+def timed_rounds_spread(fns, rounds: int) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """``timed_rounds`` (interleaved A B A B ...), keeping each pipeline's min and max rate too."""
+    import statistics
+
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, rate in timed_rounds(fns, 1).items():
+            runs[name].append(rate)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return med, {k: (round(min(v), 1), round(max(v), 1)) for k, v in runs.items()}
+
+
 def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]], dict[str, object]]:
     """Per-core images/s of each CPU pipeline, interleaved rounds on the same JPEG files."""
     import cv2
@@ -61,7 +93,10 @@ def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]],
     torch.set_num_threads(1)  # per core: one process, one thread, as one loader worker
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(tmp, images)
+        paths = real_jpegs(tmp, images)
+        source = f"real photos ({PHOTO_DIR}, Debian lomiri-wallpapers)" if paths else "synthetic JPEGs"
+        if not paths:
+            paths = make_jpegs(tmp, images)
         fns = {
             "decode only": lambda: loop(paths, lambda img: img),
             "reference mocov2": lambda: loop(paths, TwoCropsTransform(mocov2_reference(s))),
@@ -72,9 +107,12 @@ def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]],
         }
         for fn in fns.values():  # warm caches and lazy imports
             fn()
-        rates = timed_rounds(fns, rounds)
+        rates, spread = timed_rounds_spread(fns, rounds)
     base = rates["reference mocov2"]
-    rows: list[list[object]] = [[name, rate, f"{rate / base:.2f}x"] for name, rate in rates.items()]
+    rows: list[list[object]] = [
+        [name, rate, f"{spread[name][0]:.1f}-{spread[name][1]:.1f}", f"{rate / base:.2f}x"]
+        for name, rate in rates.items()
+    ]
     record = {
         "images_per_s_per_core": {
             k.replace(" ", "_").replace(",", ""): round(v, 1) for k, v in rates.items()
@@ -82,8 +120,10 @@ def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]],
         "ratio_fast_vs_reference_mocov2": round(rates["fast mocov2"] / base, 2),
         "ratio_fast_vs_reference_mocov1": round(rates["fast mocov1"] / rates["reference mocov1"], 2),
         "ratio_gpu_cpu_half_vs_reference_mocov2": round(rates["gpu impl, CPU half"] / base, 2),
+        "images_per_s_min_max": {k.replace(" ", "_").replace(",", ""): v for k, v in spread.items()},
         "images": images,
         "rounds": rounds,
+        "source": source,
     }
     return rows, record
 
@@ -108,13 +148,14 @@ def main() -> None:
         record.update(cpu_record)
     if args.device:
         rate = gpu_augment_rate(args.device, args.gpu_batch, args.size, args.gpu_repeats)
-        rows.append([f"GPUAugment on {args.device} (batch {args.gpu_batch})", rate, "-"])
+        rows.append([f"GPUAugment on {args.device} (batch {args.gpu_batch})", rate, "-", "-"])
         record["gpu_augment_images_per_s"] = round(rate, 1)
         record["gpu_augment_device"] = args.device
     record["env"] = environment()
     s = args.size
     print(f"augmentation throughput, {s}x{s}, two views per image, images/s (CPU rows: one core, median)")
-    print_table(["pipeline", "images/s", "vs reference v2"], rows)
+    print(f"images: {record.get('source', '-')}")
+    print_table(["pipeline", "images/s", "min-max", "vs reference v2"], rows)
     print_json(record)
 
 

@@ -9,117 +9,195 @@ reference recipe's distributions:
   ops per sample), RandomGrayscale(p=0.2), GaussianBlur sigma~U[0.1, 2] with p=0.5;
 * mocov1: RandomGrayscale(p=0.2), then ColorJitter(0.4, 0.4, 0.4, 0.4) always.
 
-The ops follow Pillow's definitions (which the reference uses) in float arithmetic: the same luma
-weights, contrast around the mean luma, hue shifts quantised to 1/255 turn like torchvision's PIL
-backend, and Pillow's blur kernel (three extended box filters, see ``fast_augment.pil_blur_kernel``).
+The ops work on integer 8-bit levels (int32/int64 tensors) with Pillow's own arithmetic, so for the
+same parameters they give the reference's pixels bit for bit: the fixed-point luma, ``Image.blend``'s
+float32 formula with truncation (brightness, contrast around the rounded mean luma, saturation), the
+8-bit HSV round trip for hue (``pil_rgb_to_hsv`` / ``pil_hsv_to_rgb``, checked on all 2^24 inputs;
+shifts of whole 1/255 turns, as torchvision's PIL backend), and Pillow's blur as six fixed-point box
+passes (``pil_gaussian_blur``). ``GPUAugment`` is sync-free: every op runs on the whole batch and
+``torch.where`` keeps it per sample, and the blur uses a fixed tap count, so nothing is read back to
+the host. (The CPU path, ``pretrain.augment.fast``, reuses these definitions but does hue with lookup
+tables built from them and the blur with OpenCV: the torch versions cost ~10x more on one core.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.augment.reference import BLUR_SIGMA, aug_settings
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L")
+# Pillow's fixed-point luma: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16
+LUMA_FIXED = (19595, 38470, 7471)
+BLUR_PASSES = 3
+
+
+def pil_luma(r: Tensor, g: Tensor, b: Tensor) -> Tensor:
+    """Pillow's ``convert("L")`` on integer tensors (any integer dtype wide enough for 2^24)."""
+    return (r * LUMA_FIXED[0] + g * LUMA_FIXED[1] + b * LUMA_FIXED[2] + 0x8000) >> 16
+
+
+def pil_blend(base: Tensor, x: Tensor, alpha: Tensor) -> Tensor:
+    """Pillow's ``Image.blend(base, x, alpha)`` on integer tensors: float32 ``base + alpha (x - base)``,
+    truncated and clipped to [0, 255] (ImagingBlend), returned as int32."""
+    v = base.float() + alpha.float() * (x - base).float()
+    return v.trunc().clamp_(0.0, 255.0).int()
+
+
+def _c_round(x: Tensor) -> Tensor:
+    """C ``round()`` (half away from zero) of non-negative float64 values, exactly."""
+    f = x.floor()
+    return f + ((x - f) >= 0.5).to(x.dtype)
+
+
+def pil_rgb_to_hsv(r: Tensor, g: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pillow's 8-bit RGB -> HSV (libImaging/Convert.c ``rgb2hsv_row``), float32/float64 as in C.
+
+    Checked bit-exact against Pillow on all 2^24 colours (int32 tensors in, int32 out)."""
+    maxc = torch.maximum(r, torch.maximum(g, b))
+    minc = torch.minimum(r, torch.minimum(g, b))
+    cr = (maxc - minc).float()
+    grey = cr == 0
+    safe = torch.where(grey, torch.ones_like(cr), cr)
+    s = cr / torch.where(maxc > 0, maxc, torch.ones_like(maxc)).float()
+    rc, gc, bc = ((maxc - c).float() / safe for c in (r, g, b))
+    h = torch.where(
+        r == maxc,
+        (bc - gc).double(),
+        torch.where(g == maxc, 2.0 + rc.double() - bc.double(), 4.0 + gc.double() - rc.double()),
+    ).float()
+    h = torch.fmod(h.double() / 6.0 + 1.0, 1.0).float()
+    uh = (h.double() * 255.0).trunc().clamp_(0, 255).int()
+    us = (s.double() * 255.0).trunc().clamp_(0, 255).int()
+    zero = torch.zeros_like(uh)
+    return torch.where(grey, zero, uh), torch.where(grey, zero, us), maxc.int()
+
+
+def pil_hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pillow's 8-bit HSV -> RGB (libImaging/Convert.c ``hsv2rgb``); bit-exact on all 2^24 triples."""
+    hd = h.double() * 6.0 / 255.0
+    i = hd.floor()
+    fs = (hd - i).float() * s.float()
+    vd, sd, fsd = v.double(), s.double(), fs.double()
+    p = _c_round(vd * (255.0 - sd) / 255.0).clamp_(0, 255).int()
+    q = _c_round(vd * (255.0 - fsd) / 255.0).clamp_(0, 255).int()
+    t = _c_round(vd * (255.0 - sd + fsd) / 255.0).clamp_(0, 255).int()
+    i = i.int() % 6
+    v = v.int()
+
+    def pick(*options: Tensor) -> Tensor:
+        out = options[5]
+        for k in range(4, -1, -1):
+            out = torch.where(i == k, options[k], out)
+        return torch.where(s == 0, v, out)
+
+    return pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)
+
+
+def hue_shift_steps(hue_factor: Tensor) -> Tensor:
+    """torchvision's PIL hue shift in 1/255 turns: ``np.int32(hue * 255)`` wrapped to uint8."""
+    return torch.trunc(hue_factor * 255.0).int() & 255
+
+
+def pil_adjust_hue(r: Tensor, g: Tensor, b: Tensor, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """torchvision's ``adjust_hue`` on PIL images: Pillow's HSV round trip, H += steps (mod 256)."""
+    h, s, v = pil_rgb_to_hsv(r, g, b)
+    return pil_hsv_to_rgb((h + steps) & 255, s, v)
+
+
+def pil_box_radius(sigma: Tensor, passes: int = BLUR_PASSES) -> Tensor:
+    """Pillow's ``_gaussian_blur_radius`` (float32, Gwosdek et al. 2011) for float32 sigmas."""
+    r = sigma.float()
+    s2 = r * r / passes
+    big = torch.sqrt(12.0 * s2.double() + 1.0).float()
+    whole = torch.floor((big.double() - 1.0) / 2.0).float()
+    a = (2 * whole + 1) * (whole * (whole + 1) - 3 * s2)
+    a = a / (6 * (s2 - (whole + 1) * (whole + 1)))
+    return whole + a
+
+
+def pil_box_weights(radius: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ImagingHorizontalBoxBlur's fixed-point weights: (int radius, inner weight ww, edge weight fw)."""
+    whole = radius.trunc().long()
+    ww = torch.trunc(16777216.0 / (radius * 2 + 1)).long()
+    fw = (16777216 - (2 * whole + 1) * ww) // 2
+    return whole, ww, fw
+
+
+# the widest box Pillow uses for sigma <= BLUR_SIGMA[1]: a fixed tap count, so no host sync
+MAX_BOX_RADIUS = int(pil_box_radius(torch.tensor([BLUR_SIGMA[1]]))[0])
+
+
+def box_blur_pass(x: Tensor, whole: Tensor, ww: Tensor, fw: Tensor, dim: int) -> Tensor:
+    """One Pillow box pass along ``dim`` of an int64 batch, per-sample weights of shape (B, 1, 1, 1):
+    ``(ww * sum(|k| <= r) + fw * (x[-r-1] + x[r+1]) + 2^23) >> 24`` with edge replication."""
+    half = MAX_BOX_RADIUS + 1
+    n = x.shape[dim]
+    idx = torch.arange(-half, n + half, device=x.device).clamp_(0, n - 1)
+    padded = x.index_select(dim, idx)
+    acc = torch.full_like(x, 1 << 23)
+    for k in range(-half, half + 1):
+        tap = padded.narrow(dim, k + half, n)
+        w = torch.where(whole >= abs(k), ww, torch.where(whole + 1 == abs(k), fw, torch.zeros_like(ww)))
+        acc += tap * w
+    return acc >> 24
+
+
+def pil_gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Pillow's ``GaussianBlur(radius=sigma)`` on an integer Bx3xHxW batch, per-sample sigma: three
+    box passes along the rows, then three along the columns, each rounded to 8 bits. Exact."""
+    whole, ww, fw = (v.view(-1, 1, 1, 1) for v in pil_box_weights(pil_box_radius(sigma)))
+    y = x.long()
+    for dim in (3, 2):
+        for _ in range(BLUR_PASSES):
+            y = box_blur_pass(y, whole, ww, fw, dim)
+    return y.int()
 
 
 def luma(x: Tensor) -> Tensor:
-    """Bx3xHxW -> Bx1xHxW."""
-    w = x.new_tensor(LUMA).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    """Bx3xHxW integer levels -> Bx1xHxW integer luma, Pillow's ``convert("L")``."""
+    r, g, b = x.unbind(dim=1)
+    return pil_luma(r, g, b).unsqueeze(1)
 
 
 def _per_sample(v: Tensor) -> Tensor:
     return v.view(-1, 1, 1, 1)
 
 
+# The ops below take and return int32 Bx3xHxW batches of 8-bit levels and follow Pillow exactly.
+
+
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
+    return pil_blend(torch.zeros_like(x), x, _per_sample(factor))
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    mean = luma(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_sample(factor)
-    return (mean + f * (x - mean)).clamp_(0.0, 1.0)
+    # ImageEnhance.Contrast: int(mean luma + 0.5), the mean as Python computes it (double)
+    lum = luma(x)
+    mean = lum.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.int64).double() / lum[0].numel()
+    return pil_blend(torch.floor(mean + 0.5).int(), x, _per_sample(factor))
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    gray = luma(x)
-    f = _per_sample(factor)
-    return (gray + f * (x - gray)).clamp_(0.0, 1.0)
+    return pil_blend(luma(x), x, _per_sample(factor))
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the hue of each sample by ``shift`` turns (exact float HSV round trip)."""
-    r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    sat = torch.where(
-        maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc)
-    )
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
-    hue6 = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1), 6.0)  # hue in sextants, shifted
-    # HSV -> RGB in closed form: channel n (R=5, G=3, B=1) is v - v s clamp(min(k, 4 - k), 0, 1).
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + hue6, 6.0)
-        out.append(maxc - maxc * sat * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.stack(out, dim=1)
+    """Hue shift by ``shift`` (a multiple of 1/255 turn, as ``sample_params`` draws it) via Pillow's HSV."""
+    steps = torch.round(shift * 255.0).int() & 255
+    return torch.stack(pil_adjust_hue(*x.unbind(dim=1), steps.view(-1, 1, 1)), dim=1)
 
 
 def to_grayscale(x: Tensor) -> Tensor:
     return luma(x).expand_as(x).contiguous()
 
 
-def pil_blur_kernels(sigma: Tensor, passes: int = 3) -> Tensor:
-    """Pillow's GaussianBlur 1-D kernels for a batch of sigmas: B x L, centred, zero padded.
-
-    Same construction as ``fast_augment.pil_blur_kernel``: ``passes`` extended boxes of variance
-    sigma²/passes each (Gwosdek et al. 2011), convolved together.
-    """
-    var = (sigma.double() ** 2) / passes
-    length = torch.sqrt(12.0 * var + 1.0)
-    whole = torch.floor((length - 1.0) / 2.0)
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
-    inner = 1.0 / (2.0 * (whole + frac) + 1.0)
-    edge = (1.0 - (2 * whole + 1) * inner) / 2.0
-    half = int(whole.max().item()) + 1  # half-width of the widest box
-    offsets = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float64).abs()
-    w = whole.view(-1, 1)
-    box = torch.where(offsets <= w, inner.view(-1, 1), torch.where(offsets == w + 1, edge.view(-1, 1), 0.0))
-    kernel = box
-    batch = box.shape[0]
-    for _ in range(passes - 1):
-        # full convolution of each sample's kernel with its own box (both symmetric)
-        padded = F.pad(kernel, (2 * half, 2 * half)).unsqueeze(0)  # 1 x B x L
-        kernel = F.conv1d(padded, box.unsqueeze(1), groups=batch).squeeze(0)
-    return kernel.float()
-
-
 def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Separable per-sample blur with Pillow's kernel and edge replication."""
-    batch, channels, height, width = x.shape
-    kernel = pil_blur_kernels(sigma.to(x.device)).to(x.dtype)  # B x L
-    size = kernel.shape[1]
-    pad = size // 2
-    weight = kernel.repeat_interleave(channels, dim=0)  # (B*C) x L
-    y = x.reshape(1, batch * channels, height, width)
-    y = F.conv2d(
-        F.pad(y, (pad, pad, 0, 0), mode="replicate"), weight.view(-1, 1, 1, size), groups=batch * channels
-    )
-    y = F.conv2d(
-        F.pad(y, (0, 0, pad, pad), mode="replicate"), weight.view(-1, 1, size, 1), groups=batch * channels
-    )
-    return y.view(batch, channels, height, width)
+    return pil_gaussian_blur(x, sigma)
 
 
 class Normalize(nn.Module):
@@ -192,47 +270,56 @@ class GPUAugment(nn.Module):
         }
 
     def apply(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Apply the recipe with given parameters to a float batch in [0, 1] (no normalisation)."""
+        """Apply the recipe with given parameters to a float batch in [0, 1] (no normalisation): the
+        input is taken to 8-bit levels, processed exactly as Pillow would, and returned in [0, 1]."""
+        levels = torch.round(x * 255.0).int()
+        return self.apply_levels(levels, params).float().div_(255.0)
+
+    def apply_levels(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """The recipe on an integer Bx3xHxW batch of 8-bit levels, in the reference's op order.
+
+        Sync-free: every op runs on the whole batch and ``torch.where`` keeps it for the samples that
+        drew it, so nothing depends on values read back to the host (no ``nonzero``, no ``.item()``).
+        The flip (drawn and applied by the CPU loader before these ops) commutes exactly with all of
+        them: they are per pixel, use the image mean, or are mirror-symmetric box passes with
+        mirror-symmetric edge handling, so flipping first gives the reference's pixels bit for bit.
+        """
         p = {k: v.to(x.device) for k, v in params.items()}
-        x = x.clone()  # the ops below write the selected samples in place
-
-        def gray(sub: Tensor, idx: Tensor) -> Tensor:
-            return to_grayscale(sub)
-
+        x = x.int()
         if self.name == "mocov1":
-            x = self._where(p["gray"], x, gray)
+            x = self._where(p["gray"], x, to_grayscale(x))
             return self._jitter(x, p)
         x = self._jitter(x, p)
-        x = self._where(p["gray"], x, gray)
-        return self._where(p["blur"], x, lambda sub, idx: gaussian_blur(sub, p["sigma"][idx]))
+        x = self._where(p["gray"], x, to_grayscale(x))
+        return self._where(p["blur"], x, gaussian_blur(x, p["sigma"]))
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a uint8 Bx3xHxW batch, got {x.dtype} {tuple(x.shape)}")
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         params = self.sample_params(x.shape[0], generator)
-        out = self.apply(x.float().div_(255.0), params)  # apply() clones: one extra batch copy
+        out = self.apply_levels(x, params).float().div_(255.0)
         out = (out - self.mean) / self.std
         return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     @staticmethod
-    def _where(mask: Tensor, x: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        """``x[mask] = fn(x[mask], indices)`` in place: no work for the unselected samples."""
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel() > 0:
-            x[idx] = fn(x[idx], idx)
-        return x
+    def _where(mask: Tensor, x: Tensor, applied: Tensor) -> Tensor:
+        """Per sample: ``applied`` where ``mask``, else ``x`` (no data-dependent shapes, no sync)."""
+        return torch.where(mask.view(-1, 1, 1, 1), applied, x)
 
     def _jitter(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
         ops = (
-            lambda sub, idx: adjust_brightness(sub, p["brightness"][idx]),
-            lambda sub, idx: adjust_contrast(sub, p["contrast"][idx]),
-            lambda sub, idx: adjust_saturation(sub, p["saturation"][idx]),
-            lambda sub, idx: adjust_hue(sub, p["hue"][idx]),
+            lambda y: adjust_brightness(y, p["brightness"]),
+            lambda y: adjust_contrast(y, p["contrast"]),
+            lambda y: adjust_saturation(y, p["saturation"]),
+            lambda y: adjust_hue(y, p["hue"]),
         )
         for position in range(4):
+            step = p["order"][:, position]
+            out = x
             for op_id, op in enumerate(ops):
-                x = self._where(p["jitter"] & (p["order"][:, position] == op_id), x, op)
+                out = self._where(p["jitter"] & (step == op_id), out, op(x))
+            x = out
         return x
 
     def extra_repr(self) -> str:

@@ -5,15 +5,18 @@ order and from the same generators (torch's global RNG and Python's ``random``),
 seed it picks the same crops, jitter factors, op order, grayscale/blur/flip decisions and blur sigma.
 Only the pixel arithmetic differs, and each op is tested against its PIL/torchvision counterpart:
 
-* crop + resize: one antialiased bilinear ``torch.nn.functional.interpolate`` on the uint8 crop
-  (a vectorised port of Pillow's resampling; it matches ``PIL crop().resize()`` to within 1 level);
-* brightness / contrast: PIL's blend formula evaluated once for all 256 input values (a lookup
-  table), so the output is bit-identical to PIL's;
-* saturation / grayscale: the same luma blend with one rounding instead of PIL's truncation (±1);
-* hue: an 8-bit HSV round trip in OpenCV instead of Pillow's, which is closer to an exact hue
-  rotation than Pillow's own (see the tests);
-* blur: Pillow's GaussianBlur is three extended box filters per axis; we apply the very same
-  combined kernel once with OpenCV (one rounding instead of six);
+* crop + resize: torch's uint8 antialiased bilinear (Pillow's two-pass algorithm with 15-bit instead
+  of 22-bit weights): within 1 level of ``PIL crop().resize()``, not exact;
+* brightness / contrast: PIL's blend formula for all 256 input values (a LUT): bit-identical;
+* luma (contrast mean, saturation, grayscale): Pillow's fixed-point ``(19595 R + 38470 G + 7471 B +
+  0x8000) >> 16`` as one float32 affine map (every partial sum an integer < 2^24): bit-identical;
+* saturation: Pillow's float32 blend with truncation: bit-identical;
+* hue: Pillow's 8-bit HSV round trip. RGB -> HSV is table lookups (H from (r - g, g - b), S from
+  (max, min); 0.33 MB of tables built once per process in ~0.1 s from ``pretrain.augment.device``'s exact code),
+  HSV -> RGB is Pillow's float32/float64 formula in a few numpy passes; both checked on all 2^24
+  inputs: bit-identical;
+* blur: Pillow's six fixed-point box passes (rows, then columns), each one float64 ``filter2D`` whose
+  sums of multiples of 2^-24 are exact, then truncation: bit-identical;
 * flip, then uint8 -> float conversion fused with the normalisation.
 
 The image is decoded once by the dataset and shared by both views, as in the reference.
@@ -35,6 +38,7 @@ from torch import Tensor
 from torchvision import transforms
 
 from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.augment import device as G
 from pretrain.augment.reference import BLUR_SIGMA, CROP_RATIO, TwoViews
 
 # The reference recipes' jitter strengths: ColorJitter(brightness, contrast, saturation, hue).
@@ -77,9 +81,20 @@ def _blend_lut(base: float, factor: float) -> np.ndarray:
     return np.clip(np.floor(values), 0, 255).astype(np.uint8)
 
 
+# Pillow's luma as one affine map on float32 levels: every partial sum is an integer < 2^24, exact.
+_LUMA_AFFINE = np.array([[*G.LUMA_FIXED, 0x8000]], dtype=np.float32)
+
+
+def _luma_levels(x: np.ndarray) -> np.ndarray:
+    """Pillow's luma of an HxWx3 uint8 array as HxW float32 integer levels (see ``luma``)."""
+    lum = cv2.transform(x.astype(np.float32), _LUMA_AFFINE)  # 19595 R + 38470 G + 7471 B + 0x8000
+    lum *= np.float32(2.0**-16)  # exact: a power of two
+    return np.floor(lum, out=lum)  # the >> 16
+
+
 def luma(x: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma, the same weights as PIL's ``convert("L")``."""
-    return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+    """PIL's ``convert("L")`` exactly: (19595 R + 38470 G + 7471 B + 0x8000) >> 16, HxW uint8."""
+    return _luma_levels(x).astype(np.uint8)
 
 
 def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
@@ -87,52 +102,140 @@ def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
 
 
 def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
-    mean = int(cv2.mean(luma(x))[0] + 0.5)  # PIL rounds the mean luma to an integer
+    mean = int(cv2.mean(_luma_levels(x))[0] + 0.5)  # PIL rounds the mean luma to an integer
     return cv2.LUT(x, _blend_lut(mean, factor))
 
 
 def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
-    gray = cv2.cvtColor(luma(x), cv2.COLOR_GRAY2RGB)
-    # PIL truncates ``gray + factor * (x - gray)``; rounding (value - 0.5) is the same up to ties.
-    return cv2.addWeighted(x, factor, gray, 1.0 - factor, -0.5)
+    """PIL's ``Image.blend(gray, x, factor)``: float32 ``gray + factor (x - gray)``, truncated."""
+    gray = cv2.cvtColor(_luma_levels(x), cv2.COLOR_GRAY2RGB)  # HxWx3 float32, no broadcasting pass
+    v = x.astype(np.float32)
+    v -= gray
+    v *= np.float32(factor)
+    v += gray
+    return np.clip(v, 0, 255, out=v).astype(np.uint8)  # astype truncates like PIL's (UINT8) cast
+
+
+class _HueTables:
+    """Lookup tables for Pillow's 8-bit HSV round trip, built once per process (~0.1 s, 0.33 MB) from
+    the exact vectorised code in ``pretrain.augment.device`` (``pil_rgb_to_hsv``; ``pil_hsv_to_rgb``'s formulas).
+
+    * H depends only on the differences (r - g, g - b): ``h[(r - g + 255) * 511 + (g - b + 255)]``
+      (511² uint8 = 261 KB; unreachable pairs hold 0);
+    * S depends only on (max, min): ``s[max * 256 + min]`` (64 KB); V is the max;
+    * hsv2rgb's sector ``i % 6`` and float32 fraction ``f`` depend only on H (256 entries each).
+    """
+
+    def __init__(self) -> None:
+        d = np.arange(-255, 256)
+        rg, gb = np.meshgrid(d, d, indexing="ij")
+        b = np.maximum(0, np.maximum(-gb, -(rg + gb)))  # the darkest colour with these differences
+        g = b + gb
+        r = g + rg
+        valid = np.maximum(r, np.maximum(g, b)) <= 255
+        rgb = (torch.from_numpy(np.where(valid, c, 0).astype(np.int32)) for c in (r, g, b))
+        h = G.pil_rgb_to_hsv(*rgb)[0].numpy()
+        self.h = np.where(valid, h, 0).astype(np.uint8).ravel()
+        mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+        valid = mn <= mx
+        mx_t = torch.from_numpy(mx.astype(np.int32))
+        mn_t = torch.from_numpy(np.where(valid, mn, 0).astype(np.int32))
+        s = G.pil_rgb_to_hsv(mx_t, mn_t, mn_t)[1].numpy()
+        self.s = np.where(valid, s, 0).astype(np.uint8).ravel()
+        hd = np.arange(256, dtype=np.float64) * 6.0 / 255.0  # (float)h * 6.0 / 255.0, in double
+        i = np.floor(hd)
+        self.f = (hd - i).astype(np.float32)  # f = (float)(... - (float)i)
+        self.sector = (i.astype(np.int64) % 6).astype(np.uint8)
+        # Per sector, which of the packed bytes (v, q, p, t) each output channel takes, as a shift.
+        pick = ("vtp", "qvp", "pvt", "pqv", "tpv", "vpq")
+        self.shift = np.zeros((3, 256), dtype=np.int32)
+        for k, channels in enumerate(pick):
+            for c, name in enumerate(channels):
+                self.shift[c, k] = 8 * "vqpt".index(name)
+
+
+_hue_tables: _HueTables | None = None
+
+
+def hue_tables() -> _HueTables:
+    global _hue_tables
+    if _hue_tables is None:
+        _hue_tables = _HueTables()
+    return _hue_tables
+
+
+# (r - g + 255) * 511 + (g - b + 255) as one affine map on float32 levels (exact: integers < 2^18)
+_HUE_INDEX = np.array([[511.0, -510.0, -1.0, 255.0 * 511 + 255]], dtype=np.float32)
+
+
+def rgb_to_hsv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's 8-bit RGB -> HSV (Convert.c ``rgb2hsv_row``) of an HxWx3 uint8 array: three HxW uint8
+    arrays from table lookups (``_HueTables``). Checked on all 2^24 colours."""
+    tab = hue_tables()
+    index = cv2.transform(x.astype(np.float32), _HUE_INDEX).astype(np.intp)
+    r, g, b = cv2.split(x)
+    v = cv2.max(cv2.max(r, g), b)
+    max_min = v.astype(np.uint16) << 8
+    max_min |= cv2.min(cv2.min(r, g), b)
+    return tab.h.take(index), tab.s.take(max_min), v
+
+
+def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Pillow's 8-bit HSV -> RGB (Convert.c ``hsv2rgb``) of three HxW uint8 arrays, HxWx3 uint8 out.
+
+    ``fs = f * s`` in float32, then ``p, q, t = round(v (255 - {s, fs, s - fs}) / 255)`` in float64:
+    ``v (255 - ...)`` is exact, the division is C's, and ``floor(. + 0.5)`` is C's ``round`` here
+    (checked on all 2^24 HSV triples); each channel then takes v, q, p or t by the hue sector.
+    Grey (s = 0) needs no branch: fs = 0 and p = q = t = v."""
+    tab = hue_tables()
+    fs = cv2.LUT(h, tab.f)
+    fs *= s.astype(np.float32)
+    k = np.empty((3, *h.shape), dtype=np.float64)
+    k[0] = fs
+    k[1] = s
+    np.subtract(k[1], k[0], out=k[2])
+    np.subtract(255.0, k, out=k)
+    k *= v.astype(np.float64)  # same-type broadcast over the planes: 2x faster than uint8
+    k /= 255.0
+    k += 0.5
+    qpt = k.astype(np.uint8)  # truncation of a positive value: floor
+    packed = cv2.merge((v, qpt[0], qpt[1], qpt[2])).view(np.int32)[..., 0]  # bytes v, q, p, t
+    sector = cv2.LUT(h, tab.sector)
+    return cv2.merge([(packed >> cv2.LUT(sector, tab.shift[c])).astype(np.uint8) for c in range(3)])
 
 
 def adjust_hue(x: np.ndarray, hue_factor: float) -> np.ndarray:
-    """Rotate hue by ``hue_factor`` turns, quantised to 1/255 turn like torchvision's PIL backend."""
-    shift = int(np.int32(hue_factor * 255).astype(np.uint8))
-    ramp = np.arange(256, dtype=np.int64)
-    table = np.stack([(ramp + shift) % 256, ramp, ramp], axis=-1).astype(np.uint8)[:, None, :]
-    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
-    return cv2.cvtColor(cv2.LUT(hsv, table), cv2.COLOR_HSV2RGB_FULL)
+    """torchvision's PIL ``adjust_hue`` bit for bit: Pillow's 8-bit HSV round trip, the H channel
+    shifted by ``np.int32(hue * 255)`` mod 256. About 0.5 ms for a 224² view (the torch version in
+    ``pretrain.augment.device``, kept for the device, takes ~10x longer on a CPU core)."""
+    steps = np.uint8(np.int32(hue_factor * 255).astype(np.uint8))  # no shortcut at 0: the trip is lossy
+    h, s, v = rgb_to_hsv(x)
+    h += steps  # uint8: wraps mod 256
+    return hsv_to_rgb(h, s, v)
 
 
 def to_grayscale(x: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(luma(x), cv2.COLOR_GRAY2RGB)
 
 
-def pil_blur_kernel(sigma: float, passes: int = 3) -> np.ndarray:
-    """The 1-D kernel Pillow's ``GaussianBlur(radius=sigma)`` applies: ``passes`` extended box filters.
-
-    Box length and fractional radius follow Gwosdek et al. 2011 (the paper Pillow implements), so the
-    combined kernel has exactly variance sigma².
-    """
-    var = sigma * sigma / passes
-    length = np.sqrt(12.0 * var + 1.0)
-    whole = np.floor((length - 1.0) / 2.0)
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
-    radius = whole + frac
-    inner = 1.0 / (2.0 * radius + 1.0)
-    edge = (1.0 - (2 * int(whole) + 1) * inner) / 2.0
-    box = np.array([edge] + [inner] * (2 * int(whole) + 1) + [edge])
-    kernel = box
-    for _ in range(passes - 1):
-        kernel = np.convolve(kernel, box)
-    return kernel.astype(np.float32)
+def pil_box_weights(sigma: float) -> tuple[int, int, int]:
+    """Pillow's box-pass weights for ``GaussianBlur(radius=sigma)``: (int radius, ww, fw), 2^-24 units."""
+    radius = G.pil_box_radius(torch.tensor([sigma], dtype=torch.float32))
+    whole, ww, fw = G.pil_box_weights(radius)
+    return int(whole), int(ww), int(fw)
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    kernel = pil_blur_kernel(sigma)
-    return cv2.sepFilter2D(x, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+    """Pillow's GaussianBlur exactly: three box passes along rows then three along columns, each
+    ``(ww * window + fw * (two far pixels) + 2^23) >> 24`` with edge replication. The float64
+    filter sums integer multiples of 2^-24 below 2^8 exactly (the +0.5 too, as ``delta``), so
+    truncating to uint8 is Pillow's shift."""
+    whole, ww, fw = pil_box_weights(sigma)
+    kernel = np.array([fw] + [ww] * (2 * whole + 1) + [fw], dtype=np.float64) * 2.0**-24
+    for k in (kernel.reshape(1, -1), kernel.reshape(-1, 1)):
+        for _ in range(G.BLUR_PASSES):
+            x = cv2.filter2D(x, cv2.CV_64F, k, delta=0.5, borderType=cv2.BORDER_REPLICATE).astype(np.uint8)
+    return x
 
 
 def hflip(x: np.ndarray) -> np.ndarray:
@@ -162,11 +265,17 @@ class Normalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.offset = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+        self._planes = [
+            (np.float32(o), np.float32(c)) for o, c in zip(self.offset.view(3), self.scale.view(3))
+        ]
 
     def __call__(self, x: np.ndarray) -> Tensor:
         out = torch.empty((3, x.shape[0], x.shape[1]), dtype=torch.float32)
-        out.copy_(torch.from_numpy(x).permute(2, 0, 1))
-        return out.sub_(self.offset).mul_(self.scale)
+        planes = out.numpy()
+        for plane, channel, (offset, scale) in zip(planes, cv2.split(x), self._planes):
+            np.subtract(channel, offset, out=plane, dtype=np.float32)  # per plane: no strided pass
+            plane *= scale
+        return out
 
 
 def _rand_below(p: float) -> bool:
@@ -186,7 +295,7 @@ def sample_crop(height: int, width: int, scale: Sequence[float]) -> tuple[int, i
 
 
 class FastTwoViewTransform:
-    """Two augmented views with the reference recipe's distribution, 3-4x cheaper per image on CPU."""
+    """Two augmented views, the reference recipe's draws and (but for the resize) pixels, ~2x cheaper on CPU."""
 
     def __init__(
         self,
@@ -259,8 +368,7 @@ class CropFlipTwoView:
 
     def view(self, src: Tensor) -> Tensor:
         top, left, h, w = sample_crop(src.shape[2], src.shape[3], self.scale)
-        crop = src[:, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        out = torch.from_numpy(resized_crop(src, top, left, h, w, self.size)).permute(2, 0, 1)
         if _rand_below(0.5):
             out = out.flip(-1)
         return out  # CHW view of HWC memory; the loader's collate copies it into the batch anyway

@@ -1,8 +1,8 @@
 """MoCo data augmentations: the reference recipes and the entry points that pick an implementation.
 
 The reference recipes are written to match the official MoCo code (``main_moco.py``) op for op, so
-the "reference" implementation is the yardstick the fast CPU path (``pretrain/fast_augment.py``) and
-the device path (``pretrain/gpu_augment.py``) are tested against.
+the "reference" implementation is the yardstick the fast CPU path (``pretrain/augment/fast.py``) and
+the device path (``pretrain/augment/device.py``) are tested against.
 
 Randomness: every CPU transform here draws only from torch's global RNG and Python's ``random``
 (like torchvision), which ``pretrain/data.py`` seeds per sample.

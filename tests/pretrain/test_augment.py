@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -124,67 +125,113 @@ def test_eval_and_lincls_transforms():
 
 # ---------------------------------------------------------------- fast path: each op on fixed parameters
 
+PHOTO_DIR = Path("/usr/share/backgrounds")  # Debian lomiri-wallpapers-16.04 / -20.04: real JPEG photos
 
-@pytest.fixture(scope="module")
-def crop() -> tuple[Image.Image, np.ndarray]:
-    img = natural_image(4, 96, 96)
+
+def real_photo(size: int = 224) -> Image.Image | None:
+    """A real photograph (Debian ``lomiri-wallpapers-*``), downscaled to ImageNet size; None if absent."""
+    photos = sorted(PHOTO_DIR.glob("*.jpg")) if PHOTO_DIR.is_dir() else []
+    if not photos:
+        return None
+    with Image.open(photos[len(photos) // 2]) as im:
+        im.draft("RGB", (size * 2, size * 2))
+        return im.convert("RGB").resize((size, size), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module", params=["synthetic", "photo"])
+def crop(request) -> tuple[Image.Image, np.ndarray]:
+    if request.param == "photo":
+        img = real_photo(160)
+        if img is None:
+            pytest.skip(f"no real photos under {PHOTO_DIR} (apt-get install lomiri-wallpapers)")
+    else:
+        img = natural_image(4, 96, 96)
     return img, np.array(img)
 
 
-def test_fast_resized_crop_matches_pil(crop):
+def report(name: str, d: np.ndarray) -> tuple[float, float]:
+    """Max and 99.9th percentile |difference| in levels, printed (pytest -s shows them)."""
+    mx, p999 = float(d.max()), float(np.quantile(d, 0.999))
+    print(f"{name}: max {mx:.0f} p99.9 {p999:.0f} levels")
+    return mx, p999
+
+
+def test_fast_resized_crop_within_one_level_of_pil(crop):
+    """torch's uint8 antialiased bilinear is Pillow's two-pass algorithm with 15-bit instead of 22-bit
+    weights: each intermediate may round the other way, so this one op is within 1, not exact."""
     img, arr = crop
     src = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-    for top, left, h, w in [(0, 0, 96, 96), (10, 5, 40, 70), (30, 20, 20, 15), (3, 1, 90, 60)]:
+    n = arr.shape[0]
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(n // 5, n + 1, 2))
+        top, left = int(rng.integers(0, n - h + 1)), int(rng.integers(0, n - w + 1))
         ref = TF.resized_crop(img, top, left, h, w, [32, 32])
-        d = levels(ref, FA.resized_crop(src, top, left, h, w, 32))
-        assert d.max() <= 1 and d.mean() < 0.25
+        diffs.append(levels(ref, FA.resized_crop(src, top, left, h, w, 32)).ravel())
+    mx, _ = report("resize", np.concatenate(diffs))
+    assert mx <= 1
 
 
 @pytest.mark.parametrize("factor", [0.6, 0.87, 1.13, 1.4])
-def test_fast_brightness_contrast_are_bit_exact(crop, factor):
+def test_fast_brightness_contrast_saturation_are_bit_exact(crop, factor):
     img, arr = crop
     assert levels(TF.adjust_brightness(img, factor), FA.adjust_brightness(arr, factor)).max() == 0
     assert levels(TF.adjust_contrast(img, factor), FA.adjust_contrast(arr, factor)).max() == 0
+    assert levels(TF.adjust_saturation(img, factor), FA.adjust_saturation(arr, factor)).max() == 0
 
 
-@pytest.mark.parametrize("factor", [0.6, 1.25, 1.4])
-def test_fast_saturation_and_grayscale_within_one_level(crop, factor):
+def test_fast_grayscale_is_bit_exact(crop):
     img, arr = crop
-    assert levels(TF.adjust_saturation(img, factor), FA.adjust_saturation(arr, factor)).max() <= 1
-    assert levels(TF.rgb_to_grayscale(img, 3), FA.to_grayscale(arr)).max() <= 1
+    assert levels(TF.rgb_to_grayscale(img, 3), FA.to_grayscale(arr)).max() == 0
+    assert np.array_equal(np.asarray(img.convert("L")), FA.luma(arr))
 
 
-def exact_hue(arr: np.ndarray, hue_factor: float) -> np.ndarray:
-    """Float64 hue rotation by torchvision's quantised shift: the value both 8-bit versions approximate."""
-    import colorsys
-
-    shift = int(np.int32(hue_factor * 255).astype(np.uint8)) / 255.0
-    out = np.empty(arr.shape, dtype=np.float64)
-    for idx in np.ndindex(arr.shape[:2]):
-        h, s, v = colorsys.rgb_to_hsv(*(arr[idx] / 255.0))
-        out[idx] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
-    return np.round(out * 255.0)
-
-
-@pytest.mark.parametrize("hue", [-0.1, -0.02, 0.0, 0.05, 0.4])
-def test_fast_hue_is_at_least_as_close_to_exact_as_pil(crop, hue):
+@pytest.mark.parametrize("hue", [-0.5, -0.1, -0.02, 0.0, 0.004, 0.05, 0.1, 0.4, 0.5])
+def test_fast_hue_is_bit_exact(crop, hue):
     img, arr = crop
-    small, small_arr = img.resize((32, 32)), np.array(img.resize((32, 32)))
-    exact = exact_hue(small_arr, hue)
-    pil, fast = TF.adjust_hue(small, hue), FA.adjust_hue(small_arr, hue)
-    assert levels(fast, exact).mean() <= levels(pil, exact).mean() + 0.05
-    assert levels(fast, pil).mean() < 1.5
+    assert levels(TF.adjust_hue(img, hue), FA.adjust_hue(arr, hue)).max() == 0
 
 
-@pytest.mark.parametrize("sigma", [0.1, 0.45, 1.3, 2.0])
-def test_fast_blur_uses_pils_kernel(crop, sigma):
+def test_pillow_hsv_round_trip_is_reproduced_on_a_million_colours():
+    """Both directions of Pillow's 8-bit HSV conversion (Convert.c), checked on 2^20 colours/triples
+    including every grey and every hue value (the full 2^24 sweep was run once when writing it)."""
+    from pretrain.augment import device as G
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    rgb[0, :256] = np.arange(256, dtype=np.uint8)[:, None]  # greys
+    rgb[1, :256, 0] = np.arange(256)  # all hues at full value / saturation
+    rgb[1, :256, 1:] = [255, 0]
+    t = torch.from_numpy(rgb).int()
+    h, s, v = G.pil_rgb_to_hsv(t[..., 0], t[..., 1], t[..., 2])
+    assert np.array_equal(torch.stack((h, s, v), -1).numpy(), np.asarray(Image.fromarray(rgb).convert("HSV")))
+    back = G.pil_hsv_to_rgb(t[..., 0], t[..., 1], t[..., 2])
+    pil = np.asarray(Image.frombytes("HSV", (1024, 1024), rgb.tobytes()).convert("RGB"))
+    assert np.array_equal(torch.stack(back, -1).numpy(), pil)
+
+
+def test_fast_hsv_tables_and_luma_are_pillow_on_a_million_colours():
+    """The fast path's table-driven HSV conversions (and its float32 luma) against Pillow on the same
+    2^20 colours/triples; the full 2^24 sweep of both directions was run once when writing them."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    rgb[0, :256] = np.arange(256, dtype=np.uint8)[:, None]  # greys
+    rgb[1, :256, 0] = np.arange(256)  # all hues at full value / saturation
+    rgb[1, :256, 1:] = [255, 0]
+    rgb[2, :256] = [255, 255, 0]  # every hue channel value on the HSV -> RGB side
+    rgb[2, :256, 0] = np.arange(256)
+    assert np.array_equal(np.stack(FA.rgb_to_hsv(rgb), -1), np.asarray(Image.fromarray(rgb).convert("HSV")))
+    planes = [np.ascontiguousarray(rgb[..., c]) for c in range(3)]
+    pil = np.asarray(Image.frombytes("HSV", (1024, 1024), rgb.tobytes()).convert("RGB"))
+    assert np.array_equal(FA.hsv_to_rgb(*planes), pil)
+    assert np.array_equal(FA.luma(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.45, 0.9, 1.3, 1.77, 2.0])
+def test_fast_blur_is_bit_exact(crop, sigma):
     img, arr = crop
-    kernel = FA.pil_blur_kernel(sigma)
-    assert abs(kernel.sum() - 1) < 1e-6
-    offsets = np.arange(len(kernel)) - len(kernel) // 2
-    assert abs((kernel * offsets**2).sum() - sigma**2) < 1e-4  # the variance Pillow targets
-    d = levels(img.filter(ImageFilter.GaussianBlur(sigma)), FA.gaussian_blur(arr, sigma))
-    assert d.mean() < 0.8 and d.max() <= 6
+    assert levels(img.filter(ImageFilter.GaussianBlur(sigma)), FA.gaussian_blur(arr, sigma)).max() == 0
 
 
 def test_fast_flip_and_normalise_are_exact(crop):
@@ -200,13 +247,19 @@ def test_fast_flip_and_normalise_are_exact(crop):
 
 @pytest.mark.parametrize("name", ["mocov2", "mocov1"])
 def test_fast_makes_the_same_draws_and_nearly_the_same_pixels(name):
-    """Same seed -> same crops/factors/orders/decisions (RNG streams end in the same state) -> same views."""
-    ref = TwoCropsTransform(mocov2_reference(32) if name == "mocov2" else mocov1_reference(32))
-    fast = FA.FastTwoViewTransform(name, 32)
+    """Same seed -> same crops/factors/orders/decisions (RNG streams end in the same state) -> same views.
+
+    Every op after the resize is bit-exact, so the only difference is the resize's (<= 1 level, on a
+    few % of pixels), carried through the later ops: a contrast/saturation factor up to 1.4 scales it,
+    the hue round trip can move a 1-level change in one channel by a few levels in another. Bounds:
+    p99.9 <= 3 levels, mean < 0.3 (measured on photos: see the printed line)."""
+    ref = TwoCropsTransform(mocov2_reference(64) if name == "mocov2" else mocov1_reference(64))
+    fast = FA.FastTwoViewTransform(name, 64)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    means, p90 = [], []
+    photo = real_photo(200)
+    diffs = []
     for i in range(12):
-        img = natural_image(100 + i)
+        img = photo if (photo is not None and i % 2) else natural_image(100 + i)
         torch.manual_seed(i)
         random.seed(i)
         a = ref(img)
@@ -216,12 +269,10 @@ def test_fast_makes_the_same_draws_and_nearly_the_same_pixels(name):
         b = fast(img)
         assert (torch.rand(1).item(), random.random()) == state
         for u, v in zip(a, b):
-            d = ((u - v).abs() * std * 255).numpy()  # back to 8-bit levels
-            means.append(d.mean())
-            assert d.mean() < 2.5, d.mean()
-            p90.append(np.quantile(d, 0.9))
-    assert max(p90) <= 6  # a few levels, mostly the 8-bit hue round trip amplified by contrast
-    assert np.mean(means) < 1.2
+            diffs.append(((u - v).abs() * std * 255).numpy().ravel())  # back to 8-bit levels
+    d = np.concatenate(diffs)
+    _, p999 = report(f"end to end {name}", d)
+    assert p999 <= 3.01 and d.mean() < 0.3  # float32 normalise: 3 levels read back as 3.000003
 
 
 def test_fast_accepts_grayscale_images():
