@@ -73,10 +73,11 @@ def our_mode(device: torch.device, cpu_channels_last: bool = False) -> StepMode:
 
 def build(arch: str, K: int, device: torch.device, mode: StepMode, seed: int = 0, bn_splits: int = 1):
     torch.manual_seed(seed)
-    if mode.official:
-        model = OfficialMoCo(arch, dim=128, K=K, m=0.999, T=0.2, mlp=True, bn_splits=bn_splits).to(device)
-        return model, official_optimizer(model)
     model = MoCo(arch=arch, dim=128, K=K, m=0.999, T=0.2, mlp=True, bn_splits=bn_splits).to(device)
+    if mode.official:  # the same initial weights and queue (same state-dict names), the official module
+        official = OfficialMoCo(arch, dim=128, K=K, m=0.999, T=0.2, mlp=True, bn_splits=bn_splits).to(device)
+        official.load_state_dict(model.state_dict())
+        return official, official_optimizer(official)
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if mode.compile:
