@@ -10,8 +10,10 @@ from host memory to the device, runs forward + InfoNCE loss + backward + SGD, as
 * ours = ``pretrain.train.train_step`` with the trainer's own choices (``build_model``,
   ``build_optimizer``, ``amp_dtype_for``, channels_last on CUDA): on CUDA bf16 autocast, channels_last,
   fused SGD, pinned + non_blocking; on the CPU fp32, NCHW, foreach SGD. ``--bf16`` adds a CPU row with
-  bf16 autocast: on the 2-core AVX-512 (AVX512_BF16, no AMX) development machine it ran at 0.3-0.4x the
-  fp32 step (2026-12-03, bench/README.md), so the trainer keeps fp32 on every CPU (``amp_dtype_for``).
+  bf16 autocast. On the 2-core AVX-512 (AVX512_BF16, no AMX) development machine (2026-12-03,
+  bench/README.md) it ran at 0.3-0.4x the official fp32 step for ResNet-18 at 32 px (the demo) and
+  1.8-1.9x for ResNet-50 at 224 px; the trainer keeps fp32 on every CPU (``amp_dtype_for``) until a
+  per-shape rule and its fidelity check exist.
 
 Rows per batch size and per ``--bn-splits`` (1 = plain BN vs plain BN; 8 = split BN vs split BN, as
 ``MODEL.BN_SPLITS`` in one process). Timed rounds are interleaved (A B A B ...); median (min-max).
