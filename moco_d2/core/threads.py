@@ -4,7 +4,7 @@ torch's CPU build runs its intra-op parallelism on GNU OpenMP (libgomp), which r
 once, when ``import torch`` loads it. Left alone, a libgomp thread that waits for work spins for
 300,000 iterations before it sleeps; on a machine where anything else wants a core (a data-loader
 worker, another job, a CI neighbour) the spinning threads steal it, worst in the many tiny ops of an
-8-way split batch norm. Measured on a shared 2-core machine (bench/README.md, "thread policy"): a
+8-way split batch norm. Measured on a shared 2-core machine (bench/README.md, "CPU results"): a
 demo-scale pretraining run with one other busy process took about twice as long with the default as
 with ``OMP_WAIT_POLICY=PASSIVE``, and passive waiting costs nothing on a quiet machine.
 
