@@ -89,11 +89,14 @@ RUNS ?= $(OUTPUT)
 plot: $(STAMP)  # curves of one or more runs: make plot RUNS="output/pretrain output/moco800"
 	$(PY) -m moco_d2.core.plot $(RUNS)
 
-bench: $(STAMP)
+bench: $(STAMP)  # the CPU benches (bench/README.md); ~30 min on a loaded 2-core machine
 	$(PY) -m bench.bench_augment --images 64 --rounds 5
-	$(PY) -m bench.bench_step --device cpu --arch resnet50 --image-size 112 --batch-sizes 8 --K 4096 \
-		--steps 1 --rounds 5 --warmup 1 --threads 1
-	$(PY) -m bench.bench_loader --workers 0 1 2 --batch 32 --steps 6 --step-ms 100
+	$(PY) -m bench.bench_step --device cpu --arch resnet18 --image-size 32 --batch-sizes 256 --K 4096 \
+		--bn-splits 1 8 --steps 2 --rounds 3 --warmup 1 --bf16
+	$(PY) -m bench.bench_step --device cpu --arch resnet50 --image-size 224 --batch-sizes 8 --K 4096 \
+		--bn-splits 1 8 --steps 1 --rounds 3 --warmup 1 --bf16
+	$(PY) -m bench.bench_loader --workers 0 1 2 --batch 32 --steps 6 --step-ms 100 --rounds 3
+	$(PY) -m bench.bench_threads --images 512 --reps 3
 
 bench-gpu: $(STAMP)  # one CUDA GPU, < 5 min: step, device augmentation, end to end (bench/README.md)
 	PYTHON=$(PY) bash bench/gpu_check.sh

@@ -1,16 +1,25 @@
-"""Full MoCo pretraining-step throughput (images/s): fp32 NCHW baseline against our defaults.
+"""Full MoCo pretraining-step throughput (images/s): the official code's step against the trainer's.
 
-Same model (``pretrain.moco.MoCo``), same initial weights, same batch; each step moves the two
-views from host memory to the device, runs forward + InfoNCE loss + backward + SGD, as training does.
+Same initial weights (same seed, same construction order), same batch; each step moves the two views
+from host memory to the device, runs forward + InfoNCE loss + backward + SGD, as training does.
 
-* baseline: fp32, NCHW, ``torch.optim.SGD`` with its per-parameter loop (foreach=False), blocking copies
-  from pageable memory;
-* ours on CUDA: bf16 autocast, channels_last, fused SGD, pinned memory + non_blocking copies;
-* ours on CPU: fp32 (bf16 autocast is slower without AMX), foreach SGD, channels_last (oneDNN's
-  NHWC kernels: ~1.4x for ResNet-50, neutral for ResNet-18; ``--cpu-nchw`` turns it off).
+* baseline = the official code (``bench.official``): ``moco/builder.py``'s MoCo on one process, the
+  body of ``main_moco.py``'s loop, its optimizer construction (torch's SGD defaults), pinned memory and
+  non-blocking copies on CUDA as its loader and loop do, and for split BN the official Colab demo's
+  ``SplitBatchNorm`` with the same number of splits;
+* ours = ``pretrain.train.train_step`` with the trainer's own choices (``build_model``,
+  ``build_optimizer``, ``amp_dtype_for``, channels_last on CUDA): on CUDA bf16 autocast, channels_last,
+  fused SGD, pinned + non_blocking; on the CPU fp32, NCHW, foreach SGD. ``--bf16`` adds a CPU row with
+  bf16 autocast. On the 2-core AVX-512 (AVX512_BF16, no AMX) development machine (2026-12-03,
+  bench/README.md) it ran at 0.3-0.4x the official fp32 step for ResNet-18 at 32 px (the demo) and
+  1.8-1.9x for ResNet-50 at 224 px; the trainer keeps fp32 on every CPU (``amp_dtype_for``) until a
+  per-shape rule and its fidelity check exist.
+
+Rows per batch size and per ``--bn-splits`` (1 = plain BN vs plain BN; 8 = split BN vs split BN, as
+``MODEL.BN_SPLITS`` in one process). Timed rounds are interleaved (A B A B ...); median (min-max).
 
     python -m bench.bench_step --device cuda --arch resnet50 --batch-sizes 32 64 128
-    python -m bench.bench_step --device cpu --arch resnet18 --image-size 64 --batch-sizes 16
+    python -m bench.bench_step --device cpu --arch resnet18 --image-size 32 --batch-sizes 256 --K 4096
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import torch
 from torch import nn
 
 from bench.common import environment, print_json, print_table
+from bench.official import OfficialMoCo, official_optimizer, official_step
 from pretrain.moco import MoCo
 from pretrain.train import train_step
 
@@ -38,22 +48,40 @@ class StepMode:
     optimizer_impl: str = "loop"  # "loop" | "foreach" | "fused"
     pinned_non_blocking: bool = False
     compile: bool = False  # torch.compile both encoders (TRAIN.COMPILE)
+    official: bool = False  # the official code's model and loop (bench.official) instead of ours
 
 
-BASELINE = StepMode("fp32 NCHW baseline")
+# The project's MoCo with plain fp32 settings: the reference arithmetic of tests/bench/test_augment_step.py.
+BASELINE = StepMode("fp32 NCHW, SGD per-parameter loop")
+OFFICIAL = StepMode(
+    "official: moco/builder.py + main_moco.py loop, SGD defaults", pinned_non_blocking=True, official=True
+)
 
 
-def our_mode(device: torch.device, cpu_channels_last: bool = True) -> StepMode:
-    """Our defaults for ``device`` (what ``pretrain/train.py`` uses with TRAIN.AMP / CHANNELS_LAST / FOREACH)."""
+def our_mode(device: torch.device, cpu_channels_last: bool = False) -> StepMode:
+    """The trainer's step settings for ``device`` (``pretrain/train.py`` with its default TRAIN.AMP,
+    TRAIN.CHANNELS_LAST and SOLVER.FOREACH: amp and channels_last on CUDA only)."""
+    from moco_d2.core.config import pretrain_defaults
+    from pretrain.train import amp_dtype_for
+
+    amp = amp_dtype_for(pretrain_defaults(), device)
     if device.type == "cuda":
-        return StepMode("ours: bf16 + channels_last + fused SGD", torch.bfloat16, True, "fused", True)
-    name = "ours: fp32 + foreach SGD" + (" + channels_last" if cpu_channels_last else "")
-    return StepMode(name, None, cpu_channels_last, "foreach", False)
+        return StepMode("ours: bf16 + channels_last + fused SGD", amp, True, "fused", True)
+    name = (
+        "ours: fp32 + foreach SGD"
+        + (" + channels_last" if cpu_channels_last else "")
+        + (f" + {str(amp).removeprefix('torch.')} autocast" if amp else "")
+    )
+    return StepMode(name, amp, cpu_channels_last, "foreach", False)
 
 
-def build(arch: str, K: int, device: torch.device, mode: StepMode, seed: int = 0):
+def build(arch: str, K: int, device: torch.device, mode: StepMode, seed: int = 0, bn_splits: int = 1):
     torch.manual_seed(seed)
-    model = MoCo(arch=arch, dim=128, K=K, m=0.999, T=0.2, mlp=True).to(device)
+    model = MoCo(arch=arch, dim=128, K=K, m=0.999, T=0.2, mlp=True, bn_splits=bn_splits).to(device)
+    if mode.official:  # the same initial weights and queue (same state-dict names), the official module
+        official = OfficialMoCo(arch, dim=128, K=K, m=0.999, T=0.2, mlp=True, bn_splits=bn_splits).to(device)
+        official.load_state_dict(model.state_dict())
+        return official, official_optimizer(official)
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if mode.compile:
@@ -75,7 +103,11 @@ def step(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """One training step from host tensors: the copy to the device, then ``pretrain.train.train_step``
-    itself (the trainer's step: forward, loss, top-k, finiteness check, update); returns the loss."""
+    itself (the trainer's step: forward, loss, top-k, finiteness check, update); returns the loss.
+    For the official mode, ``main_moco.py``'s loop body instead (the permutation from the global RNG)."""
+    if mode.official:
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        return torch.tensor(official_step(model, optimizer, [im_q, im_k], device))
     fmt = torch.channels_last if mode.channels_last else torch.contiguous_format
     im_q = im_q.to(device, non_blocking=mode.pinned_non_blocking).contiguous(memory_format=fmt)
     im_k = im_k.to(device, non_blocking=mode.pinned_non_blocking).contiguous(memory_format=fmt)
@@ -85,13 +117,13 @@ def step(
 class Runner:
     """One mode's model, optimizer and host batch; ``warmup`` reports the peak device memory it needs."""
 
-    def __init__(self, args, device: torch.device, mode: StepMode, batch: int) -> None:
+    def __init__(self, args, device: torch.device, mode: StepMode, batch: int, bn_splits: int = 1) -> None:
         self.device, self.mode, self.batch = device, mode, batch
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        self.model, self.optimizer = build(args.arch, args.K, device, mode)
+        self.model, self.optimizer = build(args.arch, args.K, device, mode, bn_splits=bn_splits)
         self.model.train()
         shape = (batch, 3, args.image_size, args.image_size)
         self.views = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
@@ -115,27 +147,35 @@ class Runner:
         return loss
 
 
-def measure(args, device: torch.device, modes: list[StepMode], batch: int) -> list[dict[str, object]]:
-    """Interleaved timing (A B A B ...): background load affects both modes alike; median per round."""
-    runners = [Runner(args, device, mode, batch) for mode in modes]
-    rounds = {r.mode.name: [] for r in runners}
+def measure(
+    args, device: torch.device, modes: list[StepMode], batch: int, bn_splits: int
+) -> list[dict[str, object]]:
+    """Interleaved timing (A B A B ...): background load affects every mode alike."""
+    runners = [Runner(args, device, mode, batch, bn_splits) for mode in modes]
+    rounds: list[list[float]] = [[] for _ in runners]
     for _ in range(args.rounds):
-        for r in runners:
+        for r, rates in zip(runners, rounds):
             start = time.perf_counter()
             r.run(args.steps)
-            rounds[r.mode.name].append(batch * args.steps / (time.perf_counter() - start))
+            rates.append(batch * args.steps / (time.perf_counter() - start))
     out = [
         {
-            "images_per_s": statistics.median(rounds[r.mode.name]),
+            "images_per_s": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
             "peak_mem_gib": r.peak_gib,
             "first_loss": r.first_loss,
         }
-        for r in runners
+        for r, rates in zip(runners, rounds)
     ]
     del runners
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def bn_name(bn_splits: int) -> str:
+    return "plain BN" if bn_splits == 1 else f"split BN x{bn_splits}"
 
 
 def main() -> None:
@@ -147,15 +187,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--K", type=int, default=65536, help="queue length (a multiple of every batch size)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved timed rounds; the median is reported"
+        "--bn-splits", type=int, nargs="+", default=[1, 8], help="BN groups per process (MODEL.BN_SPLITS)"
     )
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds; median (min-max)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave the default)")
-    parser.add_argument("--cpu-nchw", action="store_true", help="no channels_last in 'ours' on CPU")
     parser.add_argument(
         "--compile", action="store_true", help="add a row: our defaults + torch.compile (TRAIN.COMPILE)"
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="add a row: ours + bf16 autocast (on the CPU: to measure it)"
     )
     args = parser.parse_args()
 
@@ -164,45 +207,45 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    ours = our_mode(device, cpu_channels_last=not args.cpu_nchw)
-    modes = [BASELINE, ours]
+    ours = our_mode(device)
+    modes = [OFFICIAL, ours]
     if args.compile:
         modes.append(replace(ours, name=ours.name + " + torch.compile", compile=True))
+    if args.bf16 and ours.amp_dtype is None:
+        modes.append(replace(ours, name=ours.name + " + bf16 autocast", amp_dtype=torch.bfloat16))
     rows, results = [], []
     for batch in args.batch_sizes:
-        measured = measure(args, device, modes, batch)
-        base = measured[0]
-        for mode, r in zip(modes, measured):
-            peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
-            rows.append([batch, mode.name, r["images_per_s"], peak, f"{r['first_loss']:.4f}"])
-        fast = measured[1]
-        ratio = fast["images_per_s"] / base["images_per_s"]
-        rows.append([batch, "ratio ours / baseline", f"{ratio:.2f}x", "", ""])
-        entry = {
-            "batch": batch,
-            "baseline_images_per_s": round(base["images_per_s"], 1),
-            "ours_images_per_s": round(fast["images_per_s"], 1),
-            "ratio": round(ratio, 3),
-            "baseline_peak_mem_gib": base["peak_mem_gib"] and round(base["peak_mem_gib"], 2),
-            "ours_peak_mem_gib": fast["peak_mem_gib"] and round(fast["peak_mem_gib"], 2),
-            "baseline_first_loss": round(base["first_loss"], 5),
-            "ours_first_loss": round(fast["first_loss"], 5),
-        }
-        if args.compile:
-            comp = measured[2]
-            ratio_c = comp["images_per_s"] / base["images_per_s"]
-            rows.append([batch, "ratio ours + compile / baseline", f"{ratio_c:.2f}x", "", ""])
-            entry.update(
-                compiled_images_per_s=round(comp["images_per_s"], 1),
-                compiled_ratio=round(ratio_c, 3),
-                compiled_peak_mem_gib=comp["peak_mem_gib"] and round(comp["peak_mem_gib"], 2),
-                compiled_first_loss=round(comp["first_loss"], 5),
-            )
-        results.append(entry)
+        for splits in args.bn_splits:
+            measured = measure(args, device, modes, batch, splits)
+            base = measured[0]
+            for mode, r in zip(modes, measured):
+                peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+                rate = f"{r['images_per_s']:.1f} ({r['min']:.1f}-{r['max']:.1f})"
+                rows.append([batch, bn_name(splits), mode.name, rate, peak, f"{r['first_loss']:.4f}"])
+            for mode, r in zip(modes[1:], measured[1:]):
+                ratio = r["images_per_s"] / base["images_per_s"]
+                label = "ratio " + mode.name.removeprefix("ours: ").join(["ours (", ")"]) + " / official"
+                rows.append([batch, bn_name(splits), label, f"{ratio:.2f}x", "", ""])
+                results.append(
+                    {
+                        "batch": batch,
+                        "bn_splits": splits,
+                        "mode": mode.name,
+                        "ratio": round(ratio, 3),
+                        "official_images_per_s": [round(base[k], 1) for k in ("images_per_s", "min", "max")],
+                        "ours_images_per_s": [round(r[k], 1) for k in ("images_per_s", "min", "max")],
+                        "official_peak_mem_gib": base["peak_mem_gib"] and round(base["peak_mem_gib"], 2),
+                        "ours_peak_mem_gib": r["peak_mem_gib"] and round(r["peak_mem_gib"], 2),
+                        "official_first_loss": round(base["first_loss"], 5),
+                        "ours_first_loss": round(r["first_loss"], 5),
+                    }
+                )
     print(
-        f"MoCo step throughput: {args.arch}, {args.image_size}², K={args.K}, {args.rounds}x{args.steps} timed steps per mode, {device}"
+        f"MoCo step throughput: {args.arch}, {args.image_size}², K={args.K}, {device}, "
+        f"{torch.get_num_threads() if device.type == 'cpu' else ''} threads, images/s median (min-max) of "
+        f"{args.rounds} interleaved rounds x {args.steps} steps"
     )
-    print_table(["batch", "mode", "images/s", "peak GiB", "first loss"], rows)
+    print_table(["batch", "BN", "mode", "images/s", "peak GiB", "first loss"], rows)
     print_json(
         {
             "bench": "step",
@@ -210,6 +253,7 @@ def main() -> None:
             "arch": args.arch,
             "image_size": args.image_size,
             "ours": ours.name,
+            "official": OFFICIAL.name,
             "results": results,
             "env": environment(),
         }

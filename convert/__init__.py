@@ -1,6 +1,10 @@
 """Pretrained ResNet backbones -> Detectron2 weights (or plain torchvision state dicts), validated."""
 
-from convert.converter import (
+from moco_d2.core.threads import apply_policy
+
+apply_policy()  # before anything imports torch: OpenMP reads its settings when torch loads
+
+from convert.converter import (  # noqa: E402
     ConvertReport,
     ValidationError,
     default_output,
@@ -8,7 +12,7 @@ from convert.converter import (
     to_detectron2,
     to_torchvision,
 )
-from convert.mapping import detectron2_model_key, torchvision_to_detectron2_key
+from convert.mapping import detectron2_model_key, torchvision_to_detectron2_key  # noqa: E402
 
 __all__ = [
     "ConvertReport",

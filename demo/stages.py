@@ -156,10 +156,8 @@ class Runner:
     def _run_child(self, stage: Stage, tag: str) -> None:
         log_path = self.work / "logs" / f"{stage.key.replace('/', '.')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The thread policy (moco_d2.core.threads, applied when the demo package loaded) is in os.environ.
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # OpenMP threads that spin while waiting collapse throughput (10x measured) as soon as the two
-        # cores are shared, e.g. with the data-loader worker; passive waiting keeps the speed.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with open(log_path, "ab") as logf:
             logf.write(f"\n$ {stage.command_line()}\n".encode())
             logf.flush()

@@ -6,6 +6,10 @@ Importing this package registers everything the project's detection configs name
 
 import warnings
 
+from moco_d2.core.threads import apply_policy
+
+apply_policy()  # before anything imports torch: OpenMP reads its settings when torch loads
+
 # Detectron2 scripts a few helpers with torch.jit.script at import time, which new torch versions
 # deprecate with a FutureWarning on every run; it is not actionable for users of this project.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)

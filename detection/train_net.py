@@ -17,6 +17,11 @@ import warnings
 # Detectron2 jit-scripts helpers at import time; new torch deprecates that with a FutureWarning per run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
+# A script, not a package module: apply the thread policy here, before torch loads OpenMP.
+from moco_d2.core.threads import apply_policy
+
+apply_policy()
+
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch

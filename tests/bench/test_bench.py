@@ -49,3 +49,15 @@ def test_augment_bench_reports_ratio_to_reference():
     for name in ("mocov2", "mocov1"):
         ratio = rates[f"fast_{name}"] / rates[f"reference_{name}"]
         assert out[f"ratio_fast_vs_reference_{name}"] == pytest.approx(ratio, abs=0.006)  # printed to 2 d.p.
+
+
+def test_step_bench_compares_official_and_trainer_step_per_bn():
+    out = run_bench(
+        "bench.bench_step", "--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--batch-sizes", "16",
+        "--K", "64", "--bn-splits", "1", "8", "--steps", "1", "--rounds", "1", "--warmup", "1",
+    )  # fmt: skip
+    assert [r["bn_splits"] for r in out["results"]] == [1, 8]
+    assert out["official"].startswith("official") and out["ours"].startswith("ours: fp32 + foreach SGD")
+    plain = out["results"][0]
+    # same weights and inputs; with plain BN the shuffle permutation does not change the result
+    assert plain["ours_first_loss"] == pytest.approx(plain["official_first_loss"], abs=1e-3)

@@ -1,0 +1,65 @@
+"""The CPU thread policy of every entry point, decided here and nowhere else (issue 17).
+
+torch's CPU build runs its intra-op parallelism on GNU OpenMP (libgomp), which reads its environment
+once, when ``import torch`` loads it. Left alone, a libgomp thread that waits for work spins for
+300,000 iterations before it sleeps; on a machine where anything else wants a core (a data-loader
+worker, another job, a CI neighbour) the spinning threads steal it, worst in the many tiny ops of an
+8-way split batch norm. Measured on a shared 2-core machine (bench/README.md, "CPU results"): a
+demo-scale pretraining run with one other busy process took about twice as long with the default as
+with ``OMP_WAIT_POLICY=PASSIVE``, and passive waiting costs nothing on a quiet machine.
+
+So :func:`apply_policy`, called by each package's ``__init__`` (``moco_d2``, ``pretrain``,
+``convert``, ``detection``, ``demo``, ``bench``) and at the top of ``detection/train_net.py``, sets
+
+* ``OMP_WAIT_POLICY=PASSIVE`` (libgomp then spins 0 iterations: ``GOMP_SPINCOUNT`` 0),
+
+unless the user chose a wait policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set: theirs wins). The
+intra-op thread count stays torch's default (one per core) or the user's ``OMP_NUM_THREADS`` /
+``torch.set_num_threads``: with passive waiting, fewer threads than cores was not faster even with a
+loader worker and a busy process sharing the two cores (measured, bench/README.md), so nothing here
+second-guesses it. ``KMP_BLOCKTIME`` is not set: it is Intel OpenMP's knob, and torch's CPU wheels
+load libgomp.
+
+Environment variables propagate to child processes, so ``torchrun`` workers (``moco_d2.core.launch``),
+the demo's stages and data-loader workers inherit the policy. When torch is already imported (this
+project used as a library from someone else's program) the runtime has read its settings: nothing is
+changed. This module imports nothing but the standard library, so it can run before torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The variables that select how an OpenMP thread waits; any of them set by the user means "theirs".
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+_applied: dict[str, str] | None = None
+
+
+def apply_policy() -> dict[str, str]:
+    """Set the project's OpenMP settings in ``os.environ`` if torch is not loaded yet and the user set
+    none; returns what this call (or an earlier one) set, ``{}`` when nothing was changed. Idempotent."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = {}
+    if "torch" in sys.modules or any(os.environ.get(v) for v in WAIT_VARIABLES):
+        return _applied
+    for name, value in POLICY.items():
+        os.environ[name] = value
+        _applied[name] = value
+    return _applied
+
+
+def describe() -> str:
+    """One line for the logs: the wait policy in effect and who chose it, and the intra-op threads."""
+    policy = (
+        ", ".join(f"{v}={os.environ[v]}" for v in WAIT_VARIABLES if os.environ.get(v)) or "runtime default"
+    )
+    source = "moco_d2.core.threads" if _applied else "user/environment"
+    line = f"OpenMP wait: {policy} ({source})"
+    if "torch" in sys.modules:
+        line += f"; intra-op threads {sys.modules['torch'].get_num_threads()}"
+    return line
