@@ -2,6 +2,7 @@
 
     python -m demo.child THREADS -m pretrain.train ARGS...        # like python -m pretrain.train ARGS...
     python -m demo.child THREADS detection/train_net.py ARGS...   # like python detection/train_net.py ...
+    python -m demo.child THREADS -c CODE ARGS...                  # like python -c CODE ARGS...
 
 The numbers of a float32 CPU run depend on the intra-op thread count (reductions are split per thread),
 so every child of the demo runs with the same count whatever the machine or the caller's environment
@@ -18,8 +19,8 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2 or (argv[1] == "-m" and len(argv) < 3):
-        raise SystemExit("usage: python -m demo.child THREADS (-m MODULE | SCRIPT) [ARGS...]")
+    if len(argv) < 2 or (argv[1] in ("-m", "-c") and len(argv) < 3):
+        raise SystemExit("usage: python -m demo.child THREADS (-m MODULE | -c CODE | SCRIPT) [ARGS...]")
     threads, rest = int(argv[0]), argv[1:]
     import torch
 
@@ -28,6 +29,9 @@ def main(argv: list[str]) -> None:
     if rest[0] == "-m":
         sys.argv = [rest[1], *rest[2:]]
         runpy.run_module(rest[1], run_name="__main__", alter_sys=True)
+    elif rest[0] == "-c":
+        sys.argv = ["-c", *rest[2:]]
+        exec(compile(rest[1], "<string>", "exec"), {"__name__": "__main__"})
     else:
         sys.argv = list(rest)
         runpy.run_path(rest[0], run_name="__main__")

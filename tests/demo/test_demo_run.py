@@ -91,3 +91,22 @@ def test_missing_stage_output_is_a_clear_error(tmp_path):
     )
     with pytest.raises(StageFailed, match=r"failing stage.*exit code 3.*x\.log"):
         runner.run(stage)
+
+
+def test_children_run_with_pinned_threads_and_deterministic_algorithms(tmp_path):
+    """demo.child: the stage's script sees the thread count and deterministic algorithms, and its argv."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torch\n"
+        "print(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),\n"
+        "      torch.is_deterministic_algorithms_warn_only_enabled(), sys.argv[1:])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "demo.child", "1", str(script), "a", "b"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "1 True True ['a', 'b']"
