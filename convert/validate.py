@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
@@ -25,9 +24,10 @@ from torch import nn
 
 import detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the C4 ROI head the configs name)
 from convert.mapping import detectron2_model_key, torchvision_to_detectron2_key
+from detection.backbone import apply_arch
 from detection.config import load_detection_config
 from detection.weights import fresh_category
-from moco_d2.core.backbone import ARCHS
+from moco_d2.core.backbone import ARCHS, build_resnet
 from moco_d2.core.errors import UserError
 
 
@@ -74,7 +74,6 @@ def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
         raise UserError(f"detection config {str(config_file)!r} does not exist (pass --config-file)")
     if arch not in ARCHS:
         raise UserError(f"cannot validate a {arch!r} backbone; supported: {', '.join(ARCHS)}")
-    spec = ARCHS[arch]
     try:
         cfg = load_detection_config(str(config_file)).clone()
     except (AttributeError, TypeError):  # yacs on a YAML list / scalar (load_config catches the rest)
@@ -90,10 +89,7 @@ def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
         )
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = spec.depth
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = spec.res2_out_channels
-    cfg.MODEL.RESNETS.NUM_GROUPS = spec.num_groups
-    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = spec.width_per_group
+    apply_arch(cfg, arch)  # depth, widths, groups and -- for a small-image ResNet -- its stem
     cfg.freeze()
     return cfg
 
@@ -179,7 +175,8 @@ def validate_detectron2(
     only the RPN, the box predictor, res5's extra norm and BN step counters may stay unmatched.
     """
     spec = ARCHS[arch]
-    result = ValidationResult(target=f"Detectron2 R{spec.depth}-C4 ({target.config_file})")
+    name = f"R{spec.depth}" if spec.stock else arch
+    result = ValidationResult(target=f"Detectron2 {name}-C4 ({target.config_file})")
     if target.arch != arch:
         result.problems.append(f"the validation model was built for {target.arch}, the checkpoint is {arch}")
         return result
@@ -245,7 +242,7 @@ def validate_torchvision(
     """Load ``path`` as a user would (weights only, ``strict=False``): only ``fc`` may be missing."""
     result = ValidationResult(target=f"torchvision {arch}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = getattr(torchvision.models, arch)()
+    model = build_resnet(arch)
     incompatible = model.load_state_dict(state, strict=False)
     for key in incompatible.missing_keys:
         category = "classifier (fc)" if key.startswith("fc.") else fresh_category(key)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 
+from moco_d2.core.backbone import build_resnet
 from moco_d2.core.io import save_atomic
 from moco_d2.evaluation.knn import knn_class_scores
 
@@ -21,7 +21,7 @@ def write_random_init(path: Path, arch: str, seed: int) -> None:
     random-init row goes through exactly the kNN / linear-evaluation code paths of the others.
     """
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)()
+    model = build_resnet(arch)
     save_atomic(model.state_dict(), path)
 
 

@@ -40,8 +40,8 @@ class DataSpec:
     """Everything that determines the generated files (stored in the manifest)."""
 
     seed: int = 0
-    train_per_class: int = 3000  # ImageFolder train images per class (Fashion-MNIST has 6000)
-    val_per_class: int = 500  # ImageFolder val images per class, from the test split (has 1000)
+    train_per_class: int = 6000  # ImageFolder train images per class (all of Fashion-MNIST's 6000)
+    val_per_class: int = 1000  # ImageFolder val images per class: the whole test split
     voc_trainval: int = 1500  # detection scenes built from training-split items
     voc_test: int = 300  # detection scenes built from test-split items
     scene_min: int = 128  # scene side lengths are drawn from [scene_min, scene_max]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from demo import data as demo_data
@@ -29,6 +30,14 @@ CONFIG_DIRS = {
 CONFIG_VOC_ROOT = Path("datasets/demo/voc")
 
 
+@cache
+def config_arch(config_file: str) -> str:
+    """MODEL.ARCH of a pretraining config: the one architecture every row and stage of the demo uses."""
+    from moco_d2.core.config import load_config, pretrain_defaults
+
+    return str(load_config(pretrain_defaults(), config_file).MODEL.ARCH)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where everything of one demo run lives."""
@@ -38,14 +47,20 @@ class Plan:
     data: demo_data.DemoData
     work: Path
     report_dir: Path
+    threads: int = 2  # intra-op threads of every stage (demo/child.py): float32 results depend on it
 
     def config(self, name: str) -> str:
         return str(CONFIG_DIRS[self.preset] / f"{name}.yaml")
 
+    @property
+    def arch(self) -> str:
+        """The backbone architecture (``moco_d2.core.backbone.ARCHS``), as MoCo v2's config names it."""
+        return config_arch(self.config("moco_v2"))
+
     def backbone(self, row: str) -> Path:
         """The checkpoint each table row evaluates (formats every tool reads)."""
         return {
-            "random_init": self.work / "random_init" / "resnet18_random_init.pth",
+            "random_init": self.work / "random_init" / f"{self.arch}_random_init.pth",
             "supervised": self.work / "supervised" / "model_final.pth",
             "moco_v1": self.work / "pretrain" / "moco_v1" / "model_final.pth",
             "moco_v2": self.work / "pretrain" / "moco_v2" / "model_final.pth",

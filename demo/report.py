@@ -31,6 +31,26 @@ PAPER = {
 }
 
 
+def _backbone_line(arch: str) -> str:
+    from moco_d2.core.backbone import ARCHS
+
+    spec = ARCHS[arch]
+    if spec.stock:
+        return (
+            f"- Backbone: torchvision {arch} (standard stem) everywhere; Detectron2 R{spec.depth}-C4 with res5 "
+            "in the ROI head."
+        )
+    ch = "-".join(map(str, spec.stage_channels))
+    st = "/".join(map(str, spec.stage_strides))
+    return (
+        f"- Backbone: `{arch}` everywhere (`moco_d2/core/backbone.py`): ResNet-{spec.depth} blocks with a "
+        f"{spec.stem_kernel}x{spec.stem_kernel} stride-{spec.stem_stride} stem, no max-pool, {ch} channels, "
+        f"res2..res5 at strides {st}; in Detectron2 the registered `build_small_resnet_backbone` "
+        f"(res4 at stride {spec.stage_strides[2]} feeds the RPN and ROI pooler) with BasicBlock res5 in the "
+        "ROI head."
+    )
+
+
 def pretrain_curves(metrics_jsonl: Path) -> dict:
     """Per-epoch mean loss and contrastive accuracy, and the kNN monitor's top-1 after each epoch."""
     records = read_metrics(metrics_jsonl)
@@ -250,9 +270,11 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"{manifest.get('counts', {}).get('voc_trainval_images', '?')} trainval / "
         f"{manifest.get('counts', {}).get('voc_test_images', '?')} test VOC-format scenes "
         f"({manifest.get('counts', {}).get('voc_test_boxes', '?')} test boxes; test scenes use test-split items only).",
-        "- Backbone: stock torchvision ResNet-18 (standard stem) everywhere; Detectron2 R18-C4 with res5 in the ROI head.",
+        _backbone_line(plan.arch),
         f"- Seed {plan.seed} for the data and every stage. Machine: {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, no GPU.",
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, no GPU. Every stage ran "
+        f"with {plan.threads} intra-op threads and `torch.use_deterministic_algorithms(True, warn_only=True)` "
+        "(`demo/child.py`): the same command on the same machine gives the same numbers.",
         f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below, "
         f"which a resumed demo collects over its invocations; the last invocation took {elapsed / 60:.1f} min).",
         "",

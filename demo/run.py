@@ -87,10 +87,10 @@ def build_stages(plan: Plan) -> list[Stage]:
         ),
         Stage(
             "random_init",
-            "random-init ResNet-18 (torchvision init, seeded)",
+            f"random-init {plan.arch} (torchvision's initialisation, seeded)",
             plan.backbone("random_init"),
             func=lambda: _random_init(plan),
-            display=f"(in demo.run) torch.manual_seed({seed}); torchvision.models.resnet18().state_dict()",
+            display=f"(in demo.run) torch.manual_seed({seed}); moco_d2.core.backbone.build_resnet({plan.arch!r}).state_dict()",
         ),
     ]
     for v in ("moco_v2", "moco_v1"):
@@ -290,7 +290,7 @@ def build_stages(plan: Plan) -> list[Stage]:
 def _random_init(plan: Plan) -> None:
     from demo.baselines import write_random_init
 
-    write_random_init(plan.backbone("random_init"), "resnet18", plan.seed)
+    write_random_init(plan.backbone("random_init"), plan.arch, plan.seed)
 
 
 def _raw_pixels(plan: Plan) -> None:
@@ -314,7 +314,7 @@ def _feature_ranks(plan: Plan, out_json: Path) -> None:
 
     size = int(load_detection_config(plan.config("voc_c4")).INPUT.MIN_SIZE_TEST)
     backbones = {row: plan.backbone(row) for row in ROWS}
-    write_feature_ranks(backbones, "resnet18", plan.data.voc, out_json, size=size)
+    write_feature_ranks(backbones, plan.arch, plan.data.voc, out_json, size=size)
 
 
 def _scene_grid(plan: Plan, out_png: Path) -> None:
@@ -333,7 +333,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     work = args.work or Path("results/demo/work") / preset
     report_dir = args.report_dir or (Path("results/demo") if preset == "full" else work)
     data = demo_data.DemoData(args.data_root or demo_data.default_root(preset))
-    return Plan(preset, args.seed, data, work, report_dir)
+    return Plan(preset, args.seed, data, work, report_dir, threads=args.threads)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -343,6 +343,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny scale, a few minutes (make demo QUICK=1)")
     p.add_argument("--preset", choices=sorted(CONFIG_DIRS), help="scale (overrides --quick); smoke = tests")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="intra-op threads of every stage (float32 results depend on it; default 2, as in the report)",
+    )
     p.add_argument("--work", type=Path, help="intermediate outputs (default results/demo/work/<preset>)")
     p.add_argument("--data-root", type=Path, help="prepared data (default datasets/demo[-<preset>])")
     p.add_argument(
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo: the data will be (re)built, so the old outputs in {plan.work} are removed", flush=True)
         shutil.rmtree(plan.work)
     plan.work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(plan.work, total=len(stages) + 1)
+    runner = Runner(plan.work, total=len(stages) + 1, threads=plan.threads)
     print(
         f"demo ({plan.preset}, seed {plan.seed}): {len(stages) + 1} stages; work dir {plan.work}", flush=True
     )

@@ -110,8 +110,9 @@ def two_pass_progress() -> ProgressFn:
 class Runner:
     """Runs stages in order, shows a bar per stage and a one-line summary when each finishes."""
 
-    def __init__(self, work: Path, total: int, log=print) -> None:
+    def __init__(self, work: Path, total: int, log=print, threads: int = 2) -> None:
         self.work = work
+        self.threads = threads  # intra-op threads of every child (its numbers depend on it)
         self.total = total
         self.index = 0
         self.log = log
@@ -156,14 +157,18 @@ class Runner:
     def _run_child(self, stage: Stage, tag: str) -> None:
         log_path = self.work / "logs" / f"{stage.key.replace('/', '.')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        # The thread policy (moco_d2.core.threads, applied when the demo package loaded) is in os.environ.
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Same thread count for every child whatever the caller's environment: reproducible numbers. The
+        # wait policy (moco_d2.core.threads, applied when the demo package loaded) is in os.environ.
+        threads = str(self.threads)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         with open(log_path, "ab") as logf:
             logf.write(f"\n$ {stage.command_line()}\n".encode())
             logf.flush()
             # Own process group, so an interrupt also stops the child's data-loader workers.
+            # demo.child pins the threads and turns on deterministic algorithms, then runs stage.argv.
+            argv = [stage.argv[0], "-m", "demo.child", threads, *stage.argv[1:]]
             proc = subprocess.Popen(
-                stage.argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
             try:
                 self._watch(proc, stage, tag, log_path)

@@ -22,6 +22,9 @@ def add_detection_config(cfg: CfgNode) -> CfgNode:
     # After evaluation, draw this many test images with their detections into OUTPUT_DIR/vis/.
     cfg.TEST.VIS_NUM_IMAGES = 4
     cfg.TEST.VIS_SCORE_THRESH = 0.5
+    # Stride of the small-image stem (one 3x3 conv, no max-pool) that MODEL.BACKBONE.NAME
+    # "build_small_resnet_backbone" builds (detection/backbone.py); Detectron2's own stem ignores it.
+    cfg.MODEL.RESNETS.STEM_STRIDE = 2
     return cfg
 
 

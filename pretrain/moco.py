@@ -16,11 +16,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from moco_d2.core import distributed as dist_utils
 from moco_d2.core.backbone import PRETRAIN_ARCHS as RESNET_ARCHS
+from moco_d2.core.backbone import build_resnet
 from moco_d2.evaluation.knn import topk_correct
 
 
@@ -86,11 +86,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 def build_encoder(arch: str, dim: int, mlp: bool, bn_splits: int = 1) -> nn.Module:
-    """A torchvision ResNet whose ``fc`` outputs ``dim`` features, with the v2 MLP head if ``mlp``."""
+    """A torchvision-layout ResNet of the architecture table whose ``fc`` outputs ``dim`` features, with the v2 MLP head if ``mlp``."""
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(RESNET_ARCHS)}")
     norm_layer = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
-    encoder = getattr(torchvision.models, arch)(weights=None, num_classes=dim, norm_layer=norm_layer)
+    encoder = build_resnet(arch, weights=None, num_classes=dim, norm_layer=norm_layer)
     if mlp:
         hidden = encoder.fc.weight.shape[1]  # the encoder's feature width (2048 for resnet50)
         encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), encoder.fc)

@@ -14,24 +14,37 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torchvision
+from torch import nn
 
 from moco_d2.core.errors import UserError
 from moco_d2.core.io import load_checkpoint
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+IMAGENET_STEM_STRIDE = 4  # torchvision's stem: 7x7 stride-2 conv, then a 3x3 stride-2 max-pool
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One torchvision ResNet: what Detectron2's ResNet config needs to rebuild it, and its structure."""
+    """One ResNet in torchvision's layout: its structure, and what Detectron2 needs to rebuild it.
+
+    ``small_stem`` replaces torchvision's ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool,
+    stride 4) by one 3x3 conv of stride ``stem_stride`` and no max-pool: on a 28-32 px image the stock
+    stem leaves 8x8 before res2 and 1x1 at res5. ``width`` is the stem's output channels (torchvision's
+    ``inplanes``); the stages have ``width`` x 1/2/4/8 channels (x4 for Bottleneck outputs).
+    State-dict names are torchvision's either way (``conv1``, ``bn1``, ``layer1..4``, ``fc``).
+    """
 
     depth: int
     num_groups: int = 1
     width_per_group: int = 64
+    width: int = 64
+    small_stem: bool = False
+    stem_stride: int = IMAGENET_STEM_STRIDE
 
     @property
     def basic_block(self) -> bool:
@@ -46,22 +59,52 @@ class ArchSpec:
         return STAGE_BLOCKS[self.depth]
 
     @property
+    def stem_kernel(self) -> int:
+        return 3 if self.small_stem else 7
+
+    @property
+    def stem_out_channels(self) -> int:
+        return self.width
+
+    @property
     def res2_width(self) -> int:
-        """Output channels of the first block's 3x3 conv (groups x width per group)."""
-        return self.num_groups * self.width_per_group
+        """Output channels of the first block's 3x3 conv (torchvision: planes x width/64 x groups)."""
+        return int(self.width * self.width_per_group / 64) * self.num_groups
 
     @property
     def res2_out_channels(self) -> int:
-        # BasicBlock stages keep 64 channels in res2; Bottleneck stages expand them 4x.
-        return 64 if self.basic_block else 256
+        # BasicBlock stages keep ``width`` channels in res2; Bottleneck stages expand them 4x.
+        return self.width if self.basic_block else 4 * self.width
+
+    @property
+    def stage_channels(self) -> tuple[int, int, int, int]:
+        """Output channels of res2..res5 (torchvision's layer1..layer4)."""
+        return tuple(self.res2_out_channels * 2**i for i in range(4))
+
+    @property
+    def stage_strides(self) -> tuple[int, int, int, int]:
+        """Output strides of res2..res5 relative to the input image."""
+        return tuple(self.stem_stride * 2**i for i in range(4))
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the pooled features (the input of ``fc``)."""
+        return self.stage_channels[-1]
 
     @property
     def stock(self) -> bool:
-        """Plain ResNet widths (no groups, no widening): the encoders MoCo pretraining builds."""
+        """Built by torchvision's own constructor of this name (no small stem, no width change)."""
+        return not self.small_stem and self.width == 64
+
+    @property
+    def plain(self) -> bool:
+        """No groups, no widening: the encoders MoCo pretraining builds."""
         return self.num_groups == 1 and self.width_per_group == 64
 
 
-# THE architecture table: torchvision constructor name -> structure. Everything else derives from it.
+# THE architecture table: name -> structure. Everything else derives from it. Stock entries are
+# torchvision constructor names; a small-image variant of another width or stem stride is one more line
+# (e.g. "resnet18_small_w32": ArchSpec(18, width=32, small_stem=True, stem_stride=2)).
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": ArchSpec(18),
     "resnet34": ArchSpec(34),
@@ -72,8 +115,11 @@ ARCHS: dict[str, ArchSpec] = {
     "resnext101_32x8d": ArchSpec(101, num_groups=32, width_per_group=8),
     "wide_resnet50_2": ArchSpec(50, width_per_group=128),
     "wide_resnet101_2": ArchSpec(101, width_per_group=128),
+    # ResNet-18 for 28-32 px images (the demo's Fashion-MNIST): 3x3 stride-2 stem, no max-pool,
+    # 16-32-64-128 channels; res2..res5 at strides 2/4/8/16 (a 28 px image: 14/7/4/2 px maps).
+    "resnet18_small": ArchSpec(18, width=16, small_stem=True, stem_stride=2),
 }
-PRETRAIN_ARCHS = tuple(name for name, spec in ARCHS.items() if spec.stock)
+PRETRAIN_ARCHS = tuple(name for name, spec in ARCHS.items() if spec.plain)
 
 
 def check_pretrain_arch(arch: str, key: str = "MODEL.ARCH") -> None:
@@ -84,12 +130,64 @@ def check_pretrain_arch(arch: str, key: str = "MODEL.ARCH") -> None:
         )
 
 
+class SmallImageResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with a 3x3 stem conv of stride ``stem_stride``, no max-pool and ``width`` stem
+    channels (stages ``width`` x 1/2/4/8). Same module names and forward as torchvision's (``maxpool`` is an
+    Identity), so its state dict and every tool that reads torchvision ResNets work unchanged."""
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: tuple[int, ...],
+        width: int = 16,
+        stem_stride: int = 2,
+        num_classes: int = 1000,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # torchvision's __init__ hard-codes the 64-channel ImageNet stem
+        self._norm_layer = norm_layer or nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = self._norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+def build_resnet(arch: str, **kwargs) -> torchvision.models.ResNet:
+    """The torchvision-layout ResNet ``arch`` of the table (``num_classes``, ``norm_layer`` ... as torchvision's).
+
+    The one constructor every tool uses (pretraining, kNN, linear evaluation, conversion checks, demo).
+    """
+    if arch not in ARCHS:
+        raise UserError(f"unsupported architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    if spec.stock:
+        return getattr(torchvision.models, arch)(**kwargs)
+    if not spec.small_stem or not spec.plain:
+        raise ValueError(f"ARCHS[{arch!r}]: a non-64 width needs small_stem and a plain ResNet")
+    kwargs.pop("weights", None)
+    block = torchvision.models.resnet.BasicBlock if spec.basic_block else torchvision.models.resnet.Bottleneck
+    return SmallImageResNet(block, spec.stage_blocks, spec.width, spec.stem_stride, **kwargs)
+
+
 def reference_shapes(arch: str) -> dict[str, torch.Size]:
-    """Tensor shapes of torchvision's ``arch`` without its classifier (built on the meta device: no memory)."""
+    """Tensor shapes of ``arch`` without its classifier (built on the meta device: no memory)."""
     if arch not in ARCHS:
         raise UserError(f"unsupported architecture {arch!r}; expected one of {', '.join(ARCHS)}")
     with torch.device("meta"):
-        model = getattr(torchvision.models, arch)()
+        model = build_resnet(arch)
     return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
@@ -152,7 +250,7 @@ def extract_resnet_state(ckpt: dict, name: str = "checkpoint") -> BackboneState:
         )
     sd, source = candidates[0]
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.") and isinstance(v, torch.Tensor)}
-    arch = infer_resnet_arch(sd)
+    arch = infer_resnet_arch(sd, meta.get("arch") if isinstance(meta.get("arch"), str) else None)
     if isinstance(meta.get("arch"), str) and arch is not None and meta["arch"] != arch:
         raise UserError(f"{name} says arch {meta['arch']!r} but its weights are a {arch}")
     return BackboneState(state_dict=sd, source=source, arch=arch or meta.get("arch"), meta=meta)
@@ -163,21 +261,35 @@ def load_resnet_state(path: str | os.PathLike) -> BackboneState:
     return extract_resnet_state(load_checkpoint(path), name=f"checkpoint {str(path)!r}")
 
 
-def infer_resnet_arch(sd: dict[str, torch.Tensor]) -> str | None:
-    """Name the torchvision ResNet whose structure ``sd`` has, or None for a non-stock variant."""
+def candidate_archs(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Every table architecture whose tensors ``sd``'s structure matches: blocks per stage, block type,
+    stem kernel and width, res2 groups and width. Weights cannot tell stem strides apart."""
     counts = []
     for stage in range(1, 5):
         idx = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         counts.append(len(idx))
     block = "bottleneck" if "layer1.0.conv3.weight" in sd else "basic"
-    candidates = [n for n, a in ARCHS.items() if (a.block, a.stage_blocks) == (block, tuple(counts))]
-    if block == "basic" or not candidates:
-        return candidates[0] if candidates else None
-    conv2 = sd["layer1.0.conv2.weight"]
-    width, groups = conv2.shape[0], conv2.shape[0] // conv2.shape[1]
-    return next(
-        (n for n in candidates if (ARCHS[n].num_groups, ARCHS[n].res2_width) == (groups, width)), None
-    )
+    stem = sd.get("conv1.weight")
+    conv2 = sd.get("layer1.0.conv2.weight")
+    if stem is None or conv2 is None or stem.dim() != 4 or conv2.dim() != 4:
+        return []
+    width, groups = conv2.shape[0], conv2.shape[0] // max(conv2.shape[1], 1)
+    return [
+        n
+        for n, a in ARCHS.items()
+        if (a.block, a.stage_blocks) == (block, tuple(counts))
+        and (a.stem_out_channels, a.stem_kernel) == (stem.shape[0], stem.shape[-1])
+        and (a.num_groups, a.res2_width) == (groups, width)
+    ]
+
+
+def infer_resnet_arch(sd: dict[str, torch.Tensor], hint: str | None = None) -> str | None:
+    """Name the table's ResNet whose structure ``sd`` has (``hint``, e.g. the checkpoint's own ``arch``,
+    settles a tie between variants that differ only in stem stride), or None for an unknown variant."""
+    candidates = candidate_archs(sd)
+    if hint in candidates:
+        return hint
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def check_arch(state: BackboneState, expected: str, name: str = "checkpoint") -> None:

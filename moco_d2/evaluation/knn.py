@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moco_d2.core.backbone import load_resnet_state
+from moco_d2.core.backbone import build_resnet, load_resnet_state
 from moco_d2.core.config import default_argument_parser, load_config
 from moco_d2.core.distributed import (
     all_gather_cat,
@@ -389,7 +388,7 @@ def load_backbone_for_knn(weights: str, arch: str = "") -> tuple[nn.Module, str,
         )
     if arch and arch != state.arch:
         raise UserError(f"MODEL.WEIGHTS {weights!r} holds a {state.arch} backbone but MODEL.ARCH is {arch!r}")
-    model = getattr(torchvision.models, state.arch)()
+    model = build_resnet(state.arch)
     model.fc = nn.Identity()
     missing, unexpected = model.load_state_dict(state.state_dict, strict=False)
     if missing or unexpected:

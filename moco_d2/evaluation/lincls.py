@@ -23,14 +23,13 @@ import random
 from pathlib import Path
 
 import torch
-import torchvision
 from fvcore.common.config import CfgNode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from moco_d2.core.backbone import ARCHS, BackboneState, load_resnet_state
+from moco_d2.core.backbone import ARCHS, BackboneState, build_resnet, load_resnet_state
 from moco_d2.core.config import default_argument_parser, load_config
 from moco_d2.core.distributed import (
     DistInfo,
@@ -150,7 +149,7 @@ def build_model(
         raise UserError(f"MODEL.ARCH: {arch!r} is not a torchvision ResNet ({', '.join(ARCHS)})")
     if state is None:
         state = load_pretrained(cfg)
-    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    model = build_resnet(arch, num_classes=num_classes)
     pretrained = None
     source = "random initialisation"
     if state is not None:

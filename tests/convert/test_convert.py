@@ -19,6 +19,7 @@ from convert import ValidationError, to_detectron2, to_torchvision
 from convert.converter import DEFAULT_CONFIG
 from convert.validate import build_c4_model
 from moco_d2.core import backbone as bb
+from moco_d2.core.errors import UserError
 
 
 def random_resnet_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
@@ -27,7 +28,7 @@ def random_resnet_state(arch: str, seed: int) -> dict[str, torch.Tensor]:
     A fresh model's BN tensors are all 0 or 1, which would let a missed or swapped key go unnoticed.
     """
     gen = torch.Generator().manual_seed(seed)
-    state = getattr(torchvision.models, arch)().state_dict()
+    state = bb.build_resnet(arch).state_dict()
     out = {}
     for key, t in state.items():
         if key.endswith("running_var"):
@@ -207,6 +208,45 @@ def test_r18_into_r18_c4_with_basic_block_res5(tmp_path):
     reset_and_load(model, tmp_path / "out.pkl")
     assert_backbone_identical(model, r18)
     assert_heads_untouched(model)
+
+
+def test_small_image_resnet_into_its_registered_c4_backbone(tmp_path):
+    """resnet18_small (3x3 stride-2 stem, no max-pool, width 16): every tensor, the 3x3 stem included,
+    lands unchanged in Detectron2's build_small_resnet_backbone + BasicBlock res5, at the right strides."""
+    from detection.backbone import SmallImageStem
+
+    small = random_resnet_state("resnet18_small", seed=2)
+    assert small["conv1.weight"].shape == (16, 3, 3, 3) and small["layer4.1.conv2.weight"].shape[0] == 128
+    src = tmp_path / "in.pth"
+    torch.save(wrap("moco_ours", small, "resnet18_small"), src)
+    target = build_c4_model("resnet18_small", DEFAULT_CONFIG)
+
+    report = to_detectron2(src, tmp_path / "out.pkl", target=target)
+
+    assert report.arch == "resnet18_small" and report.validation.ok
+    assert report.validation.matched == report.num_tensors
+    assert report.num_tensors == sum(
+        1 for k in small if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    )
+    model = target.model
+    stem = model.backbone.stem
+    assert type(stem) is SmallImageStem and stem.stride == 2
+    assert (stem.conv1.kernel_size, stem.conv1.stride) == ((3, 3), (2, 2))
+    assert model.backbone.output_shape()["res4"].stride == 8  # stem 2 -> res2 2, res3 4, res4 8
+    assert model.roi_heads.pooler.level_poolers[0].spatial_scale == 1 / 8
+    assert [type(b).__name__ for b in model.roi_heads.res5[:2]] == ["BasicBlock", "BasicBlock"]
+    reset_and_load(model, tmp_path / "out.pkl")
+    assert_backbone_identical(model, small)
+    assert_heads_untouched(model)
+
+
+def test_small_image_resnet_is_told_from_resnet18_by_its_stem(tmp_path):
+    """Same block counts as resnet18: the 3x3 16-channel stem names it; a stock checkpoint is not taken."""
+    assert bb.infer_resnet_arch(random_resnet_state("resnet18_small", seed=3)) == "resnet18_small"
+    src = tmp_path / "in.pth"
+    torch.save(random_resnet_state("resnet18", seed=3), src)
+    with pytest.raises(UserError, match="resnet18_small"):
+        to_detectron2(src, tmp_path / "out.pkl", arch="resnet18_small", validate=False)
 
 
 def test_to_torchvision_loads_with_only_fc_missing(r50, tmp_path):

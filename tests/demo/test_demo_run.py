@@ -18,6 +18,7 @@ import pytest
 
 from demo.fashion_mnist import DEFAULT_DIR, SPLIT_FILES
 from demo.report import parse_table
+from moco_d2.core.backbone import ARCHS
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_DATA = all((DEFAULT_DIR / f).is_file() for pair in SPLIT_FILES.values() for f in pair)
@@ -52,12 +53,17 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path):
     for png in ("pretraining_curves.png", "detection_ap.png", "detections.png"):
         assert (work / png).stat().st_size > 0
     checks = [json.loads((work / "detection" / f"transfer_check_{r}.json").read_text()) for r in ("moco_v2",)]
-    assert checks[0]["tensors_identical"] == 100  # ResNet-18: 75 backbone + 25 res5 tensors
+    assert checks[0]["tensors_identical"] == 100  # ResNet-18 layout: 75 backbone + 25 res5 tensors
     assert "100 tensors identical" in first.stdout
     ranks = json.loads((work / "features" / "ranks.json").read_text())["rows"]
     assert list(ranks) == ["random_init", "supervised", "moco_v1", "moco_v2"]
     for r in ranks.values():
-        assert 1.0 <= r["res4"]["effective_rank"] <= r["res4"]["channels"] == 256
+        assert (
+            1.0
+            <= r["res4"]["effective_rank"]
+            <= r["res4"]["channels"]
+            == ARCHS["resnet18_small"].stage_channels[2]
+        )
     assert "How many feature directions" in report
 
     # Resume: delete two finished stages' outputs; only they run again, with identical numbers.
@@ -85,3 +91,22 @@ def test_missing_stage_output_is_a_clear_error(tmp_path):
     )
     with pytest.raises(StageFailed, match=r"failing stage.*exit code 3.*x\.log"):
         runner.run(stage)
+
+
+def test_children_run_with_pinned_threads_and_deterministic_algorithms(tmp_path):
+    """demo.child: the stage's script sees the thread count and deterministic algorithms, and its argv."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torch\n"
+        "print(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),\n"
+        "      torch.is_deterministic_algorithms_warn_only_enabled(), sys.argv[1:])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "demo.child", "1", str(script), "a", "b"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "1 True True ['a', 'b']"

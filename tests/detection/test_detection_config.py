@@ -200,3 +200,57 @@ def test_per_class_ap_equals_detectron2_voc_eval(tmp_path):
                     use_07_metric=use_07,
                 )
                 assert class_ap(gt[c], dets, thr, use_07) == pytest.approx(ref, abs=1e-12)
+
+
+def test_small_image_resnet_c4_trains_one_step_at_the_right_strides():
+    """resnet18_small through the registered backbone: res4 at stride 8 feeds the RPN and a 1/8 ROI pooler,
+    BasicBlock res5 (64 -> 128 channels) in the box head, one SGD step changes the 3x3 stem."""
+    from detection.backbone import apply_arch
+
+    torch.manual_seed(0)
+    cfg = cfg_of("voc_c4.yaml", "MODEL.DEVICE", "cpu", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64")
+    cfg.defrost()
+    apply_arch(cfg, "resnet18_small")
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
+    model = build_model(cfg)
+    model.train()
+    assert model.backbone.output_shape()["res4"].stride == 8
+    assert model.backbone.output_shape()["res4"].channels == 64
+    assert model.proposal_generator.anchor_generator.strides == [8]
+    assert model.roi_heads.pooler.level_poolers[0].spatial_scale == 1 / 8
+    blocks = [m for name, m in model.roi_heads.res5.named_children() if name != "norm"]
+    assert [type(b) for b in blocks] == [BasicBlock, BasicBlock] and blocks[-1].out_channels == 128
+    image = torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8).float()
+    feats = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+    assert feats["res4"].shape[-2:] == (8, 10)  # 64x80 input (no padding: divisibility 0) / 8
+    gt = Instances(
+        (64, 80), gt_boxes=Boxes(torch.tensor([[8.0, 8.0, 40.0, 50.0]])), gt_classes=torch.tensor([3])
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = model.backbone.stem.conv1.weight.detach().clone()
+    assert before.shape == (16, 3, 3, 3)
+    with EventStorage():
+        losses = model([{"image": image, "instances": gt}])
+        total = sum(losses.values())
+        total.backward()
+        optimizer.step()
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    assert torch.isfinite(total)
+    assert not torch.equal(before, model.backbone.stem.conv1.weight)
+    assert model.roi_heads.res5.norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("preset", ["", "quick/", "smoke/"])
+def test_demo_detection_configs_build_the_demo_arch(preset):
+    """configs/demo/**/voc_c4*.yaml spell exactly the keys apply_arch derives from the pretraining arch."""
+    from detection.backbone import arch_cfg_values
+    from moco_d2.core.config import load_config, pretrain_defaults
+
+    arch = load_config(pretrain_defaults(), f"configs/demo/{preset}moco_v2.yaml").MODEL.ARCH
+    for name in ("voc_c4.yaml", "voc_c4_random_init.yaml"):
+        cfg = cfg_of(f"demo/{preset}{name}")
+        for key, value in arch_cfg_values(arch).items():
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (name, key)
