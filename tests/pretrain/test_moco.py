@@ -151,7 +151,27 @@ def test_forward_momentum_before_keys_shuffle_and_enqueue():
     assert all(p.grad is None for p in model.encoder_k.parameters())
 
 
-def test_compiled_encoders_compute_the_same_steps(one_thread):
+@pytest.fixture
+def uncached_inductor():
+    """Generate inductor's kernels afresh instead of loading them from its on-disk graph caches.
+
+    torch/inductor bug (torch 2.14), not ours: the FX-graph and AOT-autograd cache keys leave out the
+    vector ISA the C++ kernels are generated for. A graph generated under the native ISA (AVX-512 here:
+    float64 loops of 16 lanes, ``VectorizedN<double, 2>``) is served from the cache to a process running
+    with ``ATEN_CPU_CAPABILITY=avx2``, where that source is compiled with AVX2 flags (8 lanes): half of each
+    reduction is skipped and uninitialised memory is read, so running stats hold garbage and the loss is
+    NaN. Smallest reproduction, one shared ``TORCHINDUCTOR_CACHE_DIR``: run
+    ``torch.compile(lambda x: x.sum(0))(torch.randn(64, 40, dtype=torch.float64))`` once natively, then
+    again under ``ATEN_CPU_CAPABILITY=avx2``: wrong by ~18. A fresh cache, ``cpp.simdlen=1`` or no cache
+    hit all give the right answer. The C++ build cache stays on (keyed by source and flags, so correct)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
+def test_compiled_encoders_compute_the_same_steps(one_thread, uncached_inductor):
     """TRAIN.COMPILE: same state-dict names, same losses, same momentum-updated key encoder and queue.
 
     In float64: in float32 the fused kernels' different rounding is amplified by the 4-image BN groups
