@@ -51,6 +51,14 @@ def bn_splits_for(cfg: CfgNode, world_size: int) -> int:
     return 1 if world_size > 1 else int(cfg.MODEL.BN_SPLITS)
 
 
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's
+
+
 def check_config(cfg: CfgNode, world_size: int) -> None:
     """Reject impossible settings up front, in one line each."""
     check_pretrain_arch(cfg.MODEL.ARCH)
@@ -76,6 +84,10 @@ def check_config(cfg: CfgNode, world_size: int) -> None:
         raise UserError(f"SOLVER.SCHEDULE must be 'cosine' or 'step', got {cfg.SOLVER.SCHEDULE!r}")
     if int(cfg.SOLVER.EPOCHS) <= 0:
         raise UserError(f"SOLVER.EPOCHS must be positive, got {cfg.SOLVER.EPOCHS}")
+    if cfg.TRAIN.COMPILE_MODE not in COMPILE_MODES:
+        raise UserError(
+            f"TRAIN.COMPILE_MODE must be one of {', '.join(COMPILE_MODES)}, got {cfg.TRAIN.COMPILE_MODE!r}"
+        )
 
 
 def build_model(cfg: CfgNode, world_size: int) -> MoCo:
@@ -358,7 +370,7 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     moco = moco.to(memory_format=memory_format)
     if cfg.TRAIN.COMPILE:
-        moco.compile_encoders()
+        moco.compile_encoders(mode=cfg.TRAIN.COMPILE_MODE)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = build_optimizer(cfg, moco, device)
