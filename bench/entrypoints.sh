@@ -15,7 +15,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The Makefile's venv stamp is taken as up to date: this runs with the interpreter given, installs nothing.
 MAKE=(make --no-print-directory -o "$VENV/.installed" PY="$PY" NGPUS=1 MASTER_PORT="${MASTER_PORT:-29531}")
-step() { echo "--- entrypoints: $*"; }
+step() { echo "--- entrypoints (${SECONDS}s): $*"; }
 
 step "toy data in $WORK"
 "$PY" - "$WORK" <<'PYEOF'
@@ -31,22 +31,22 @@ write_toy_voc(str(work / "voc"), {"trainval": 4, "test": 2}, seed=0)
 PYEOF
 
 IMGS="$WORK/imgs"
-PRE=(MODEL.ARCH resnet18 MODEL.K 64 MODEL.BN_SPLITS 2 SOLVER.BATCH_SIZE 8 SOLVER.EPOCHS 2 AUG.SIZE 32
+PRE=(MODEL.ARCH resnet18 MODEL.K 64 MODEL.BN_SPLITS 2 SOLVER.BATCH_SIZE 8 SOLVER.EPOCHS 1 AUG.SIZE 32
      DATA.NUM_WORKERS 1 DATA.PREFETCH_FACTOR 2 TRAIN.DEVICE "$DEVICE" LOG.PERIOD 1 LOG.TENSORBOARD False
      CHECKPOINT.PERIOD_ITERS 1 KNN.EVAL_PERIOD 1 KNN.TRAIN_ROOT "$IMGS/train" KNN.VAL_ROOT "$IMGS/val"
      KNN.K 5 KNN.RESIZE 32 KNN.CROP_SIZE 32 KNN.BATCH_SIZE 16 RESUME auto)
-step "make pretrain, stopped after 2 iterations (a kill)"
-"${MAKE[@]}" pretrain DATA="$IMGS" OUTPUT="$WORK/pretrain" OPTS="${PRE[*]} TRAIN.MAX_ITERS 2"
+step "make pretrain, stopped after 1 iteration (a kill)"
+"${MAKE[@]}" pretrain DATA="$IMGS" OUTPUT="$WORK/pretrain" OPTS="${PRE[*]} TRAIN.MAX_ITERS 1"
 ls "$WORK/pretrain"/checkpoint_*.pth >/dev/null
 step "make pretrain again: RESUME auto continues from that checkpoint to the end (kNN monitor each epoch)"
 "${MAKE[@]}" pretrain DATA="$IMGS" OUTPUT="$WORK/pretrain" OPTS="${PRE[*]}" 2>&1 | tee "$WORK/resume.log"
-grep -qi "resum" "$WORK/resume.log" || { echo "entrypoints: the second run did not resume"; exit 1; }
+grep -q "resumed from" "$WORK/resume.log" || { echo "entrypoints: the second run did not resume"; exit 1; }
 CKPT="$WORK/pretrain/model_final.pth"
 test -s "$CKPT"
 
 step "make lincls (a few iterations)"
 "${MAKE[@]}" lincls CKPT="$CKPT" DATA="$IMGS" LINCLS_OUTPUT="$WORK/lincls" OPTS="MODEL.ARCH resnet18 \
-DATA.CROP_SIZE 32 DATA.RESIZE 32 DATA.NUM_WORKERS 1 SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE 8 TRAIN.MAX_ITERS 3 \
+DATA.CROP_SIZE 32 DATA.RESIZE 32 DATA.NUM_WORKERS 1 SOLVER.EPOCHS 1 SOLVER.BATCH_SIZE 8 TRAIN.MAX_ITERS 2 \
 TRAIN.DEVICE $DEVICE"
 step "make knn"
 "${MAKE[@]}" knn CKPT="$CKPT" DATA="$IMGS" OPTS="OUTPUT_DIR $WORK/knn DATA.CROP_SIZE 32 DATA.RESIZE 32 \
@@ -63,7 +63,7 @@ SPECS="[{'name': 'toy_trainval', 'root': '$WORK/voc', 'split': 'trainval', 'clas
     MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64 MODEL.ROI_HEADS.NUM_CLASSES 3 \
     DATASETS.VOC_CUSTOM "$SPECS" DATASETS.TRAIN "('toy_trainval',)" DATASETS.TEST "('toy_test',)" \
     INPUT.MIN_SIZE_TRAIN "(64, 96)" INPUT.MAX_SIZE_TRAIN 160 INPUT.MIN_SIZE_TEST 80 INPUT.MAX_SIZE_TEST 160 \
-    SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 3 SOLVER.STEPS "(2,)" SOLVER.WARMUP_ITERS 1 SOLVER.BASE_LR 0.01 \
+    SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 2 SOLVER.STEPS "(1,)" SOLVER.WARMUP_ITERS 1 SOLVER.BASE_LR 0.01 \
     MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 8 MODEL.RPN.BATCH_SIZE_PER_IMAGE 32 MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION 8 \
     MODEL.RPN.PRE_NMS_TOPK_TRAIN 200 MODEL.RPN.POST_NMS_TOPK_TRAIN 50 MODEL.RPN.PRE_NMS_TOPK_TEST 200 \
     MODEL.RPN.POST_NMS_TOPK_TEST 10 TEST.PRECISE_BN.NUM_ITER 1 TEST.VIS_NUM_IMAGES 2 DATALOADER.NUM_WORKERS 0
