@@ -51,6 +51,14 @@ def bn_splits_for(cfg: CfgNode, world_size: int) -> int:
     return 1 if world_size > 1 else int(cfg.MODEL.BN_SPLITS)
 
 
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's
+
+
 def check_config(cfg: CfgNode, world_size: int) -> None:
     """Reject impossible settings up front, in one line each."""
     check_pretrain_arch(cfg.MODEL.ARCH)
@@ -100,6 +108,10 @@ def check_config(cfg: CfgNode, world_size: int) -> None:
     if cfg.RESUME not in ("", "auto") and not Path(cfg.RESUME).is_file():
         what = "a directory" if Path(cfg.RESUME).is_dir() else "missing"
         raise UserError(f"RESUME {cfg.RESUME!r} is {what}; expected '', 'auto' or a checkpoint file")
+    if cfg.TRAIN.COMPILE_MODE not in COMPILE_MODES:
+        raise UserError(
+            f"TRAIN.COMPILE_MODE must be one of {', '.join(COMPILE_MODES)}, got {cfg.TRAIN.COMPILE_MODE!r}"
+        )
 
 
 def build_model(cfg: CfgNode, world_size: int) -> MoCo:
@@ -385,7 +397,7 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     moco = moco.to(memory_format=memory_format)
     if cfg.TRAIN.COMPILE:
-        moco.compile_encoders()
+        moco.compile_encoders(mode=cfg.TRAIN.COMPILE_MODE)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = build_optimizer(cfg, moco, device)

@@ -67,6 +67,9 @@ def pretrain_defaults() -> CfgNode:
     c.TRAIN.AMP = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
     c.TRAIN.CHANNELS_LAST = True  # on CUDA only
     c.TRAIN.COMPILE = False  # torch.compile the two encoders (fuses BN/ReLU; compiles for a minute or two)
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs: less launch overhead at small per-GPU
+    # batches), "max-autotune", "max-autotune-no-cudagraphs"
+    c.TRAIN.COMPILE_MODE = "default"
     c.TRAIN.MAX_ITERS = 0  # stop after this many iterations (0 = run all epochs); simulates a kill
     c.TRAIN.DEVICE = "auto"  # "auto", "cuda" or "cpu"
 

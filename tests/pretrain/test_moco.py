@@ -171,11 +171,14 @@ def uncached_inductor():
         yield
 
 
-def test_compiled_encoders_compute_the_same_steps(one_thread, uncached_inductor):
+def test_compiled_encoders_compute_the_same_steps(one_thread, uncached_inductor, monkeypatch):
     """TRAIN.COMPILE: same state-dict names, same losses, same momentum-updated key encoder and queue.
 
     In float64: in float32 the fused kernels' different rounding is amplified by the 4-image BN groups
-    (~1e-3 after one update), which would hide a real difference behind a loose tolerance."""
+    (~1e-3 after one update), which would hide a real difference behind a loose tolerance.
+    Compiled with TRAIN.COMPILE_MODE "reduce-overhead" (what GPUs use for CUDA graphs; on CPU tensors
+    inductor skips the graphs and the rest of the mode's pipeline is checked), and the mode is seen to
+    reach torch.compile."""
     from pretrain.train import train_step
 
     runs = []
@@ -183,7 +186,15 @@ def test_compiled_encoders_compute_the_same_steps(one_thread, uncached_inductor)
         torch.manual_seed(0)
         model = tiny_moco(bn_splits=2).double()
         if compiled:
-            model.compile_encoders()
+            seen, real_compile = [], torch.compile
+
+            def recording_compile(*args, _seen=seen, _compile=real_compile, **kwargs):
+                _seen.append(kwargs)
+                return _compile(*args, **kwargs)
+
+            monkeypatch.setattr(torch, "compile", recording_compile)
+            model.compile_encoders(mode="reduce-overhead")
+            assert [kw.get("mode") for kw in seen] == ["reduce-overhead"] * 2
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses = []
         for step in range(2):
