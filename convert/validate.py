@@ -24,7 +24,7 @@ from torch import nn
 
 import detection  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the C4 ROI head the configs name)
 from convert.mapping import detectron2_model_key, torchvision_to_detectron2_key
-from detection.backbone import apply_arch
+from detection.backbone import SMALL_BACKBONE, STOCK_BACKBONE, apply_arch
 from detection.config import load_detection_config
 from detection.weights import fresh_category
 from moco_d2.core.backbone import ARCHS, build_resnet
@@ -81,10 +81,11 @@ def detectron2_cfg(arch: str, config_file: str | os.PathLike) -> CfgNode:
             f"config file {str(config_file)!r} is not a YAML mapping of config keys (KEY: value)"
         ) from None
     cfg.defrost()
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.BACKBONE.NAME != "build_resnet_backbone":
+    backbones = (STOCK_BACKBONE, SMALL_BACKBONE)
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.BACKBONE.NAME not in backbones:
         raise UserError(
             f"detection config {str(config_file)!r}: converted weights are validated in a C4 detector "
-            f"(MODEL.META_ARCHITECTURE GeneralizedRCNN, MODEL.BACKBONE.NAME build_resnet_backbone), "
+            f"(MODEL.META_ARCHITECTURE GeneralizedRCNN, MODEL.BACKBONE.NAME {' or '.join(backbones)}), "
             f"this config builds {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.BACKBONE.NAME}"
         )
     cfg.MODEL.DEVICE = "cpu"
