@@ -21,7 +21,7 @@ from torch import nn
 from moco_d2.core import distributed as dist_utils
 from moco_d2.core.backbone import PRETRAIN_ARCHS as RESNET_ARCHS
 from moco_d2.core.backbone import build_resnet
-from moco_d2.evaluation.knn import topk_correct
+from moco_d2.evaluation.features import topk_correct
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):

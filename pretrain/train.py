@@ -302,7 +302,7 @@ class KnnMonitor:
     """Weighted kNN top-1 of the query encoder's pooled features, every KNN.EVAL_PERIOD epochs."""
 
     def __init__(self, cfg: CfgNode, device: torch.device) -> None:
-        from moco_d2.evaluation.knn import make_eval_loader
+        from moco_d2.evaluation.features import make_eval_loader
 
         k = cfg.KNN
         tf = build_eval_transform(k.CROP_SIZE, k.RESIZE, cfg.AUG.MEAN, cfg.AUG.STD)
@@ -318,7 +318,8 @@ class KnnMonitor:
         self.num_classes, self.k, self.t, self.device = len(bank.classes), k.K, k.T, device
 
     def __call__(self, moco: MoCo) -> dict[str, float]:
-        from moco_d2.evaluation.knn import ResNetTrunk, knn_evaluate
+        from moco_d2.evaluation.features import ResNetTrunk
+        from moco_d2.evaluation.knn import knn_evaluate
 
         # Ranks keep their own BN running statistics; evaluate (and checkpoint) rank 0's everywhere.
         for buf in moco.encoder_q.buffers():

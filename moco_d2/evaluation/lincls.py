@@ -51,7 +51,7 @@ from moco_d2.core.images import (
 )
 from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, write_json_atomic
 from moco_d2.core.metrics import AverageMeter, MetricWriter, progress, setup_logging
-from moco_d2.evaluation.knn import (
+from moco_d2.evaluation.features import (
     eval_batches,
     make_eval_loader,
     report_skipped,

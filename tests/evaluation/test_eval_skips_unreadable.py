@@ -19,7 +19,8 @@ from torch import nn
 
 from moco_d2.core.images import BadDataError, SafeImageFolder, build_eval_transform
 from moco_d2.evaluation import knn, lincls
-from moco_d2.evaluation.knn import knn_evaluate, make_eval_loader
+from moco_d2.evaluation.features import make_eval_loader
+from moco_d2.evaluation.knn import knn_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,8 @@ import torchvision
 from test_lincls import CLASSES, make_image_folder, moco_checkpoint
 
 from moco_d2.core.images import SafeImageFolder, build_eval_transform
-from moco_d2.evaluation.knn import ResNetTrunk, knn_class_scores, main, topk_correct
+from moco_d2.evaluation.features import ResNetTrunk, topk_correct
+from moco_d2.evaluation.knn import knn_class_scores, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

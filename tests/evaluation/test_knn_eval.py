@@ -15,14 +15,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from moco_d2.evaluation.knn import (
-    ResNetTrunk,
-    ShardSampler,
-    knn_class_scores,
-    knn_evaluate,
-    make_eval_loader,
-    topk_correct,
-)
+from moco_d2.evaluation.features import ResNetTrunk, ShardSampler, make_eval_loader, topk_correct
+from moco_d2.evaluation.knn import knn_class_scores, knn_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,7 +84,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     from moco_d2.core.distributed import cleanup, init_distributed
-    from moco_d2.evaluation.knn import gather_uneven
+    from moco_d2.evaluation.features import gather_uneven
 
     init_distributed("cpu")
     train, val, model = _data()

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco_d2.evaluation.knn import knn_class_scores, topk_correct
+from moco_d2.evaluation.features import topk_correct
+from moco_d2.evaluation.knn import knn_class_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,213 @@
+"""Frozen-feature machinery shared by the kNN monitor, offline kNN and the linear probe.
+
+A ResNet's pooled features (``ResNetTrunk`` when its fc must stay), extracted shard by shard over
+processes without padding (``ShardSampler``, ``make_eval_loader``) so every readable image counts once
+and unreadable ones are reported (``skipped_over_ranks``, ``report_skipped``), gathered with
+``gather_uneven``; ``topk_correct`` scores any classifier's outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sized
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from moco_d2.core.distributed import all_gather_cat, get_rank, get_world_size, is_main_process
+from moco_d2.core.errors import UserError
+from moco_d2.core.images import (
+    SkippingView,
+    Unreadable,
+    check_bad_fraction,
+    collate_readable,
+    display_path,
+)
+from moco_d2.core.metrics import progress
+
+logger = logging.getLogger("moco")
+
+__all__ = [
+    "ResNetTrunk",
+    "ShardSampler",
+    "eval_batches",
+    "extract_features",
+    "gather_uneven",
+    "make_eval_loader",
+    "report_skipped",
+    "skipped_over_ranks",
+    "topk_correct",
+]
+
+
+class ResNetTrunk(nn.Module):
+    """A torchvision ResNet up to (and including) global average pooling; its fc is ignored.
+
+    Lets the pretraining loop hand ``model.encoder_q`` (whose fc is the MLP head) to the kNN monitor
+    without copying or modifying it.
+    """
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return torch.flatten(r.avgpool(x), 1)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Per-sample hit flags (M x len(ks), float): is the label among the top-k scored classes?"""
+    maxk = min(max(ks), scores.shape[1])
+    pred = scores.topk(maxk, dim=1).indices
+    hit = pred.eq(labels.to(pred.device).view(-1, 1))
+    return torch.stack([hit[:, : min(kk, maxk)].any(dim=1) for kk in ks], dim=1).float()
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r reads indices r, r + W, r + 2W, ... in order: every sample exactly once over all ranks.
+
+    Unlike DistributedSampler it never pads with duplicates, so gathered features and summed hit
+    counts are exact.
+    """
+
+    def __init__(self, data: Sized, rank: int | None = None, world_size: int | None = None) -> None:
+        self.n = len(data)
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def make_eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 4, pin_memory: bool = True
+) -> DataLoader:
+    """Sequential, sharded, non-padded loader for feature extraction (kNN bank/queries, validation).
+
+    Batches are ``(images, targets, skipped paths)``. An image folder (``SafeImageFolder``) is read
+    through its :meth:`~moco_d2.core.images.SafeImageFolder.skipping` view: an unreadable file is
+    dropped and reported, never replaced by another image, so every distinct readable image counts once.
+    """
+    if hasattr(dataset, "skipping"):
+        dataset = dataset.skipping()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(dataset),
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=False,
+        drop_last=False,
+        collate_fn=collate_readable,
+    )
+
+
+def eval_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[str]]]:
+    """``(images, targets, skipped)`` from a ``make_eval_loader`` loader, or from a plain 2-tuple loader."""
+    for batch in loader:
+        if len(batch) == 3:
+            yield batch
+        else:
+            yield batch[0], batch[1], []
+
+
+def skipped_over_ranks(skipped: list[str], loader: DataLoader | None = None) -> list[str]:
+    """The unreadable files skipped by every rank (sorted); checked against the dataset's bad-file limit.
+
+    Each rank only counts the files of its own shard (and, with loader workers, each worker its own),
+    so the limit (``DATA.MAX_BAD_FRACTION``) is checked here again on the total.
+    """
+    names = list(skipped)
+    if get_world_size() > 1:
+        parts: list[list[str] | None] = [None] * get_world_size()
+        torch.distributed.all_gather_object(parts, names)
+        names = [n for p in parts for n in (p or [])]
+    names = sorted(set(names))
+    dataset = getattr(loader, "dataset", None)
+    if names and isinstance(dataset, SkippingView):
+        check_bad_fraction(len(names), len(dataset), dataset.max_bad_fraction, dataset.root)
+    return names
+
+
+def report_skipped(what: str, names: list[str], limit: int = 20) -> dict:
+    """Results fields for skipped files (``num_skipped`` and at most ``limit`` names), also logged."""
+    shown = [display_path(n) for n in names[:limit]]
+    if names and is_main_process():
+        logger.warning(
+            "%s: %d unreadable image(s) skipped and not counted: %s%s",
+            what,
+            len(names),
+            ", ".join(shown),
+            " ..." if len(names) > limit else "",
+        )
+    return {"num_skipped": len(names), "skipped": shown}
+
+
+@torch.no_grad()
+def gather_uneven(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` over ranks along dim 0 when ranks hold different numbers of rows."""
+    if get_world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    counts = all_gather_cat(n).tolist()
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = all_gather_cat(padded).split(max(counts))
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    feature_dtype: torch.dtype = torch.float32,
+    amp: bool = False,
+    desc: str = "features",
+    skipped: list[str] | None = None,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (L2-normalised unless ``normalize`` is False) and labels of this rank's share of
+    ``loader`` (model in eval mode).
+
+    ``amp`` runs the model in bf16 on CUDA: faster, but features then carry ~3 significant digits.
+    Unreadable files (dropped by ``make_eval_loader``) are appended to ``skipped`` when it is given.
+    """
+    use_amp = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    feats, labels = [], []
+    bar = progress(eval_batches(loader), total=len(loader), desc=desc, enabled=is_main_process())
+    for images, target, bad in bar:
+        if skipped is not None:
+            skipped.extend(bad)
+        if images is None:  # the whole batch was unreadable
+            continue
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            f = model(images)
+        f = f.float().flatten(1)
+        feats.append((F.normalize(f, dim=1) if normalize else f).to(feature_dtype))
+        labels.append(target.to(device, torch.long))
+    bar.close()
+    if not feats:  # a rank with no samples (tiny set, many ranks) still joins the gathers
+        dim = _output_dim(model, loader, device)
+        return torch.empty(0, dim, dtype=feature_dtype, device=device), torch.empty(
+            0, dtype=torch.long, device=device
+        )
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _output_dim(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    for i in range(len(loader.dataset)):
+        item = loader.dataset[i]
+        if not isinstance(item, Unreadable):
+            return model(item[0].unsqueeze(0).to(device)).flatten(1).shape[1]
+    root = getattr(loader.dataset, "root", "the dataset")
+    raise UserError(f"no readable image in {display_path(str(root))!r}")
