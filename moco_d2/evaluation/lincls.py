@@ -52,7 +52,10 @@ from moco_d2.core.images import (
 from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, write_json_atomic
 from moco_d2.core.metrics import AverageMeter, MetricWriter, progress, setup_logging
 from moco_d2.evaluation.features import (
+    ResNetTrunk,
     eval_batches,
+    extract_features,
+    gather_uneven,
     make_eval_loader,
     report_skipped,
     skipped_over_ranks,
@@ -105,6 +108,14 @@ def lincls_defaults() -> CfgNode:
     c.TRAIN.DEVICE = "auto"  # "auto", "cuda" or "cpu"
     c.TRAIN.AMP = False  # bf16 autocast on CUDA (the official recipe is fp32)
     c.TRAIN.MAX_ITERS = 0  # stop after this many iterations in this run (0 = all epochs); simulates a kill
+    # Frozen backbone only: compute every image's pooled feature ONCE, through the validation transform
+    # (resize + centre crop), and train the fc on those (seconds per epoch). The paper's recipe instead
+    # sees each training image through RandomResizedCrop + flip, a new crop every epoch.
+    c.TRAIN.PRECOMPUTED_FEATURES = False
+    # With PRECOMPUTED_FEATURES: standardise each feature dimension with the training features' mean and
+    # std before the fc (a BatchNorm without affine, as MAE's linear probe), so one lr suits every
+    # backbone whatever its feature scale; the saved fc has the standardisation folded in.
+    c.TRAIN.STANDARDIZE_FEATURES = False
 
     c.CHECKPOINT = CfgNode()
     c.CHECKPOINT.KEEP_LAST = 2
@@ -243,6 +254,12 @@ def _check_cfg(cfg: CfgNode, world_size: int) -> None:
     if cfg.DATA.CROP_SIZE < 1 or cfg.DATA.RESIZE < cfg.DATA.CROP_SIZE:
         raise UserError(
             f"DATA.RESIZE ({cfg.DATA.RESIZE}) must be >= DATA.CROP_SIZE ({cfg.DATA.CROP_SIZE}) >= 1"
+        )
+    if cfg.TRAIN.STANDARDIZE_FEATURES and not cfg.TRAIN.PRECOMPUTED_FEATURES:
+        raise UserError("TRAIN.STANDARDIZE_FEATURES needs TRAIN.PRECOMPUTED_FEATURES True")
+    if cfg.TRAIN.PRECOMPUTED_FEATURES and not cfg.MODEL.FREEZE_BACKBONE:
+        raise UserError(
+            "TRAIN.PRECOMPUTED_FEATURES needs MODEL.FREEZE_BACKBONE True (a trained backbone changes its features)"
         )
 
 
@@ -485,6 +502,173 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------------------------------
+# Linear probe on features computed once (TRAIN.PRECOMPUTED_FEATURES)
+
+
+def _cached_features(
+    cfg: CfgNode, model: nn.Module, datasets: tuple, dist_info: DistInfo
+) -> dict[str, torch.Tensor]:
+    """Pooled (not normalised) features and labels of both splits, through the validation transform.
+
+    Cached in OUTPUT_DIR/features.pt, keyed by everything that determines them, so a rerun (after a
+    crash, or with another schedule) trains the fc without touching an image.
+    """
+    d = cfg.DATA
+    key = json.dumps(
+        [
+            cfg.MODEL.WEIGHTS,
+            d.ROOT,
+            d.TRAIN_SPLIT,
+            d.VAL_SPLIT,
+            d.CROP_SIZE,
+            d.RESIZE,
+            list(d.MEAN),
+            list(d.STD),
+        ]
+    )
+    path = Path(cfg.OUTPUT_DIR) / "features.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached
+    train_set, val_set = datasets
+    trunk, device = ResNetTrunk(model).eval(), dist_info.device
+    per_rank = max(1, cfg.SOLVER.BATCH_SIZE // dist_info.world_size)
+    out: dict = {"key": key}
+    skipped: list[str] = []
+    for name, dataset in (("train", train_set), ("val", val_set)):
+        loader = make_eval_loader(dataset, per_rank, d.NUM_WORKERS, d.PIN_MEMORY)
+        bad: list[str] = []
+        feats, labels = extract_features(
+            trunk, loader, device, amp=cfg.TRAIN.AMP, desc=f"{name} features", skipped=bad, normalize=False
+        )
+        out[name], out[f"{name}_labels"] = gather_uneven(feats).cpu(), gather_uneven(labels).cpu()
+        skipped += skipped_over_ranks(bad, loader)
+    out["num_skipped"] = torch.tensor(len(skipped))
+    if dist_info.is_main:
+        atomic_write(path, lambda f: torch.save(out, f), what="feature cache")
+    return out
+
+
+def _fc_metrics(fc: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> dict:
+    with torch.no_grad():
+        logits = fc(feats)
+        hits = topk_correct(logits, labels, ks=(1, 5)).mean(dim=0) * 100
+        loss = nn.functional.cross_entropy(logits, labels).item()
+    return {"top1": hits[0].item(), "top5": hits[1].item(), "loss": loss}
+
+
+def train_precomputed(cfg: CfgNode, dist_info: DistInfo) -> dict:
+    """The linear protocol's fc trained on features computed once (see TRAIN.PRECOMPUTED_FEATURES).
+
+    Same model, initialisation, optimiser (SGD, momentum, no weight decay), global batch and step
+    schedule as :func:`train`; each epoch shuffles the cached training features with a seed of
+    (SEED, epoch). Every process trains the same fc on the gathered features, so the result does not
+    depend on the process count; the fc takes seconds, so a rerun retrains it rather than resuming.
+    """
+    out = Path(cfg.OUTPUT_DIR)
+    _check_cfg(cfg, dist_info.world_size)
+    state = load_pretrained(cfg)
+    d = cfg.DATA
+    tf = build_eval_transform(d.CROP_SIZE, d.RESIZE, d.MEAN, d.STD)
+    datasets = labelled_split_pair(d.ROOT, d.TRAIN_SPLIT, d.VAL_SPLIT, tf, tf, d.MAX_BAD_FRACTION)
+    classes = len(datasets[0].classes)
+    num_classes = cfg.MODEL.NUM_CLASSES or classes
+    if num_classes < classes:
+        raise UserError(f"MODEL.NUM_CLASSES is {num_classes} but {d.TRAIN_SPLIT}/ has {classes} classes")
+    torch.manual_seed(cfg.SEED)
+    model, pretrained, source = build_model(cfg, num_classes, state)
+    model.to(dist_info.device)
+    cache = _cached_features(cfg, model, datasets, dist_info)
+    feats, labels = cache["train"].float(), cache["train_labels"]
+    val_feats, val_labels = cache["val"].float(), cache["val_labels"]
+    mean, std = torch.zeros(feats.shape[1]), torch.ones(feats.shape[1])
+    if cfg.TRAIN.STANDARDIZE_FEATURES:
+        mean, std = feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6)  # constant features stay 0
+        feats, val_feats = (feats - mean) / std, (val_feats - mean) / std
+    fc = model.fc.cpu()
+    optimizer = torch.optim.SGD(
+        fc.parameters(),
+        cfg.SOLVER.BASE_LR,
+        momentum=cfg.SOLVER.MOMENTUM,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+    )
+    writer = MetricWriter(out, enabled=dist_info.is_main, tensorboard=cfg.LOG.TENSORBOARD)
+    logger.info(
+        "linear probe on precomputed features: %s, %d train / %d val features of dim %d, weights from %s",
+        cfg.MODEL.ARCH, len(feats), len(val_feats), feats.shape[1], source,
+    )  # fmt: skip
+    batch, iteration = cfg.SOLVER.BATCH_SIZE, 0
+    best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
+    for epoch in range(cfg.SOLVER.EPOCHS):
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(mix_seed(cfg.SEED, epoch)))
+        x_epoch, y_epoch = feats[order], labels[order]  # one gather per epoch; batches are views
+        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, top-1 hits (no host sync per step)
+        for i in range(0, len(order), batch):
+            x, y = x_epoch[i : i + batch], y_epoch[i : i + batch]
+            logits = fc(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()])
+        loss_sum, hits = sums.tolist()
+        train = {"loss": loss_sum / len(order), "top1": 100 * hits / len(order), "lr": lr}
+        last = _fc_metrics(fc, val_feats, val_labels)
+        if last["top1"] > best["top1"]:
+            best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
+        writer.write(iteration, train, prefix="train")
+        writer.write(iteration, {**last, "epoch": epoch + 1}, prefix="val")
+        logger.info(
+            "epoch %d/%d: train loss %.4f, val top1 %.3f top5 %.3f (lr %g)",
+            epoch + 1, cfg.SOLVER.EPOCHS, train["loss"], last["top1"], last["top5"], lr,
+        )  # fmt: skip
+    writer.close()
+    with torch.no_grad():  # fold the standardisation into the fc: a plain classifier on raw features
+        fc.weight.div_(std)
+        fc.bias.sub_(fc.weight @ mean)
+    model.fc.to(dist_info.device)
+    if pretrained is not None:
+        sanity_check(model, pretrained)
+    results = {
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "best_top1": best["top1"],
+        "best_top5": best["top5"],
+        "best_epoch": best["epoch"],
+        "epochs": cfg.SOLVER.EPOCHS,
+        "checkpoint": cfg.MODEL.WEIGHTS,
+        "arch": cfg.MODEL.ARCH,
+        "kind": "lincls",
+        "features": "precomputed once (validation transform, no crop augmentation)"
+        + (", standardised" if cfg.TRAIN.STANDARDIZE_FEATURES else ""),
+        "num_classes": num_classes,
+        "crop_size": cfg.DATA.CROP_SIZE,
+        "num_val": len(val_feats),
+        "num_skipped": int(cache["num_skipped"]),
+        "sanity_check": "passed",
+    }
+    if dist_info.is_main:
+        ckpt = {
+            "epoch": cfg.SOLVER.EPOCHS,
+            "arch": cfg.MODEL.ARCH,
+            "state_dict": _prefixed(model.state_dict()),
+            "best_acc1": best["top1"],
+            "kind": "lincls",
+            "weights": cfg.MODEL.WEIGHTS,
+            "config": cfg.dump(),
+        }
+        atomic_write(out / "model_final.pth", lambda f: torch.save(ckpt, f), what="checkpoint")
+        write_json_atomic(results, out / "results.json")
+        logger.info("results: %s", json.dumps(results))
+    return results
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = default_argument_parser("Linear classification / supervised training of a ResNet").parse_args(argv)
@@ -492,7 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist_info = init_distributed(cfg.TRAIN.DEVICE)
     setup_logging(cfg.OUTPUT_DIR, dist_info.rank)
     try:
-        return train(cfg, dist_info)
+        return (train_precomputed if cfg.TRAIN.PRECOMPUTED_FEATURES else train)(cfg, dist_info)
     finally:
         cleanup()
 
