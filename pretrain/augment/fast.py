@@ -25,6 +25,7 @@ OpenCV is limited to one thread per process: the loader parallelises over images
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -218,11 +219,27 @@ def to_grayscale(x: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(luma(x), cv2.COLOR_GRAY2RGB)
 
 
+def pil_box_radius(sigma: float, passes: int = G.BLUR_PASSES) -> np.float32:
+    """Pillow's ``_gaussian_blur_radius`` (BoxBlur.c) on one sigma, as C computes it: float32
+    variables, double ``sqrt`` / ``floor`` where C promotes. numpy float32 scalars round every
+    operation to float32 like C; a torch call per scalar would cost ~20x more."""
+    f32 = np.float32
+    r = f32(sigma)  # the Python float reaches C as a float
+    s2 = r * r / f32(passes)
+    big = f32(math.sqrt(12.0 * float(s2) + 1.0))  # 12.0 * sigma2 + 1.0 is double in C
+    whole = f32(math.floor((float(big) - 1.0) / 2.0))
+    a = (f32(2) * whole + f32(1)) * (whole * (whole + f32(1)) - f32(3) * s2)
+    a = a / (f32(6) * (s2 - (whole + f32(1)) * (whole + f32(1))))
+    return whole + a
+
+
 def pil_box_weights(sigma: float) -> tuple[int, int, int]:
-    """Pillow's box-pass weights for ``GaussianBlur(radius=sigma)``: (int radius, ww, fw), 2^-24 units."""
-    radius = G.pil_box_radius(torch.tensor([sigma], dtype=torch.float32))
-    whole, ww, fw = G.pil_box_weights(radius)
-    return int(whole), int(ww), int(fw)
+    """Pillow's box-pass weights for ``GaussianBlur(radius=sigma)``: (int radius, ww, fw), 2^-24 units
+    (ImagingHorizontalBoxBlur: ``ww = (UINT32)((1 << 24) / (radius * 2 + 1))`` in float32)."""
+    radius = pil_box_radius(sigma)
+    whole = int(radius)  # C's (int) truncation; the radius is positive
+    ww = int(np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1)))
+    return whole, ww, ((1 << 24) - (2 * whole + 1) * ww) // 2
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -278,20 +295,50 @@ class Normalize:
         return out
 
 
+def _f32(p: float) -> float:
+    """``p`` rounded to float32: torch compares a float32 tensor with a Python float in float32."""
+    return float(np.float32(p))
+
+
 def _rand_below(p: float) -> bool:
-    """``torch.rand(1) < p``, the draw behind RandomGrayscale / RandomHorizontalFlip."""
-    return bool(torch.rand(1) < p)
+    """``torch.rand(1) < p``, the draw behind RandomGrayscale / RandomHorizontalFlip, without the
+    tensor comparison (the same float32 comparison on Python floats)."""
+    return torch.rand(1).item() < _f32(p)
 
 
 def _random_apply(p: float) -> bool:
-    """``transforms.RandomApply(p)``'s draw: it applies unless ``p < torch.rand(1)``."""
-    return not bool(p < torch.rand(1))
+    """``transforms.RandomApply(p)``'s draw: it applies unless ``p < torch.rand(1)`` (float32)."""
+    return not torch.rand(1).item() > _f32(p)
+
+
+# RandomResizedCrop.get_params's ``torch.log(torch.tensor(ratio))``: float32 values, passed on as floats
+_LOG_RATIO = tuple(float(v) for v in torch.log(torch.tensor(CROP_RATIO)))
 
 
 def sample_crop(height: int, width: int, scale: Sequence[float]) -> tuple[int, int, int, int]:
-    """``RandomResizedCrop.get_params`` for an image of this size: (top, left, crop_h, crop_w)."""
-    dummy = torch.empty((0, height, width), dtype=torch.uint8)  # only its size is read
-    return transforms.RandomResizedCrop.get_params(dummy, list(scale), list(CROP_RATIO))
+    """``RandomResizedCrop.get_params`` for an image of this size: (top, left, crop_h, crop_w).
+
+    The same torch draws in the same order with the same arguments, and the same double arithmetic;
+    only the per-call tensor bookkeeping (dummy image, ratio tensor, 0-d indexing) is gone."""
+    area = height * width
+    lo, hi = float(scale[0]), float(scale[1])
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(lo, hi).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(*_LOG_RATIO)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return top, left, h, w
+    in_ratio = float(width) / float(height)  # fallback: a central crop
+    if in_ratio < min(CROP_RATIO):
+        w, h = width, int(round(width / min(CROP_RATIO)))
+    elif in_ratio > max(CROP_RATIO):
+        h, w = height, int(round(height * max(CROP_RATIO)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class FastTwoViewTransform:
