@@ -76,10 +76,15 @@ def resized_crop(src: Tensor, top: int, left: int, height: int, width: int, size
     return out[0].permute(1, 2, 0).numpy()
 
 
+_LEVELS = np.arange(256, dtype=np.float32)
+
+
 def _blend_lut(base: float, factor: float) -> np.ndarray:
     """PIL's ``Image.blend(constant base, img, factor)`` for every uint8 value (float32, truncation)."""
-    values = np.float32(base) + np.float32(factor) * (np.arange(256, dtype=np.float32) - np.float32(base))
-    return np.clip(np.floor(values), 0, 255).astype(np.uint8)
+    values = np.float32(base) + np.float32(factor) * (_LEVELS - np.float32(base))
+    np.floor(values, out=values)
+    np.maximum(values, 0, out=values)  # np.minimum / np.maximum: np.clip's wrapper costs more here
+    return np.minimum(values, 255, out=values).astype(np.uint8)
 
 
 # Pillow's luma as one affine map on float32 levels: every partial sum is an integer < 2^24, exact.
@@ -249,10 +254,13 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     truncating to uint8 is Pillow's shift."""
     whole, ww, fw = pil_box_weights(sigma)
     kernel = np.array([fw] + [ww] * (2 * whole + 1) + [fw], dtype=np.float64) * 2.0**-24
+    shape = x.shape
     for k in (kernel.reshape(1, -1), kernel.reshape(-1, 1)):
+        if k.shape[0] > 1:  # columns: one channel of width 3W filters the same and ~20% faster
+            x = np.ascontiguousarray(x).reshape(shape[0], -1)
         for _ in range(G.BLUR_PASSES):
             x = cv2.filter2D(x, cv2.CV_64F, k, delta=0.5, borderType=cv2.BORDER_REPLICATE).astype(np.uint8)
-    return x
+    return x.reshape(shape)
 
 
 def hflip(x: np.ndarray) -> np.ndarray:
@@ -285,10 +293,16 @@ class Normalize:
         self._planes = [
             (np.float32(o), np.float32(c)) for o, c in zip(self.offset.view(3), self.scale.view(3))
         ]
+        self._offsets = self.offset.numpy()  # 3x1x1 float32, broadcast over a small view
+        self._scales = self.scale.numpy()
 
     def __call__(self, x: np.ndarray) -> Tensor:
         out = torch.empty((3, x.shape[0], x.shape[1]), dtype=torch.float32)
         planes = out.numpy()
+        if x.shape[0] * x.shape[1] <= 64 * 64:  # small views: two calls beat the per-plane loop
+            np.subtract(x.transpose(2, 0, 1), self._offsets, out=planes, dtype=np.float32)
+            planes *= self._scales
+            return out
         for plane, channel, (offset, scale) in zip(planes, cv2.split(x), self._planes):
             np.subtract(channel, offset, out=plane, dtype=np.float32)  # per plane: no strided pass
             plane *= scale
