@@ -5,12 +5,16 @@ CPU path, and the CPU half of the device path (crop + flip only). Both start fro
 decoded the same way (PIL, like the official ImageFolder loader). With ``--device cuda`` it also measures
 the device half (``GPUAugment``) on batches of uint8 crops.
 
-    python -m bench.bench_augment [--images 64] [--rounds 5] [--device cuda]
+It also times the demo's scale (``configs/demo/moco_v2.yaml``: 28² views of 28² greyscale PNGs, like
+Fashion-MNIST, cut here from the same photos), where per-call overhead rather than pixel work decides.
+
+    python -m bench.bench_augment [--images 64] [--rounds 5] [--demo-images 256] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +44,27 @@ def real_jpegs(folder: str, count: int) -> list[Path]:
             path = Path(folder) / f"photo{i:04d}.jpg"
             im.save(path, "JPEG", quality=90)
             paths.append(path)
+    return paths
+
+
+def demo_pngs(folder: str, count: int, size: int = 28) -> list[Path]:
+    """``count`` greyscale ``size``² PNGs like the demo's Fashion-MNIST files, cut from the real photos
+    (random squares, so the views differ) or, without them, from synthetic JPEGs."""
+    sources = real_jpegs(folder, min(count, 16)) or make_jpegs(folder, min(count, 16))
+    rng = random.Random(0)
+    paths: list[Path] = []
+    for i in range(count):
+        with Image.open(sources[i % len(sources)]) as im:
+            side = rng.randint(size, min(im.size))
+            left, top = rng.randint(0, im.size[0] - side), rng.randint(0, im.size[1] - side)
+            tile = (
+                im.convert("L")
+                .crop((left, top, left + side, top + side))
+                .resize((size, size), Image.BILINEAR)
+            )
+        path = Path(folder) / f"demo{i:05d}.png"
+        tile.save(path)
+        paths.append(path)
     return paths
 
 
@@ -128,6 +153,39 @@ def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]],
     return rows, record
 
 
+def demo_pipelines(images: int, rounds: int, size: int = 28) -> tuple[list[list[object]], dict[str, object]]:
+    """Per-core images/s of the reference and fast mocov2 transforms at the demo's scale, interleaved."""
+    import cv2
+
+    from pretrain.augment.fast import FastTwoViewTransform
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = demo_pngs(tmp, images, size)
+        fns = {
+            f"reference mocov2, {size}² PNGs": lambda: loop(paths, TwoCropsTransform(mocov2_reference(size))),
+            f"fast mocov2, {size}² PNGs": lambda: loop(paths, FastTwoViewTransform("mocov2", size)),
+        }
+        for fn in fns.values():
+            fn()
+        rates, spread = timed_rounds_spread(fns, rounds)
+    ref, fast = rates.values()
+    rows: list[list[object]] = [
+        [name, rate, f"{spread[name][0]:.1f}-{spread[name][1]:.1f}", f"{rate / ref:.2f}x"]
+        for name, rate in rates.items()
+    ]
+    record = {
+        "images_per_s_per_core": {"reference_mocov2": round(ref, 1), "fast_mocov2": round(fast, 1)},
+        "ms_per_image": {"reference_mocov2": round(1e3 / ref, 3), "fast_mocov2": round(1e3 / fast, 3)},
+        "images_per_s_min_max": dict(zip(("reference_mocov2", "fast_mocov2"), spread.values())),
+        "ratio_fast_vs_reference_mocov2": round(fast / ref, 2),
+        "images": images,
+        "size": size,
+    }
+    return rows, record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +197,9 @@ def main() -> None:
     parser.add_argument("--gpu-batch", type=int, default=256)
     parser.add_argument("--gpu-repeats", type=int, default=20)
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU pipelines (no OpenCV needed)")
+    parser.add_argument(
+        "--demo-images", type=int, default=256, help="28² PNGs per round at the demo's scale (0: skip)"
+    )
     args = parser.parse_args()
 
     rows: list[list[object]] = []
@@ -146,6 +207,9 @@ def main() -> None:
     if not args.gpu_only:
         rows, cpu_record = cpu_pipelines(args.images, args.rounds, args.size)
         record.update(cpu_record)
+        if args.demo_images > 0:
+            demo_rows, record["demo_28px"] = demo_pipelines(args.demo_images, args.rounds)
+            rows += demo_rows
     if args.device:
         rate = gpu_augment_rate(args.device, args.gpu_batch, args.size, args.gpu_repeats)
         rows.append([f"GPUAugment on {args.device} (batch {args.gpu_batch})", rate, "-", "-"])
@@ -155,6 +219,8 @@ def main() -> None:
     s = args.size
     print(f"augmentation throughput, {s}x{s}, two views per image, images/s (CPU rows: one core, median)")
     print(f"images: {record.get('source', '-')}")
+    if "demo_28px" in record:
+        print("last two rows: the demo's scale, 28x28 views of 28x28 greyscale PNGs, vs the 28² reference")
     print_table(["pipeline", "images/s", "min-max", "vs reference v2"], rows)
     print_json(record)
 

@@ -43,12 +43,18 @@ def test_loader_bench_real_step_on_cpu_uses_host_normalisation_row():
 
 
 def test_augment_bench_reports_ratio_to_reference():
-    out = run_bench("bench.bench_augment", "--images", "4", "--rounds", "1", "--size", "32")
+    out = run_bench(
+        "bench.bench_augment", "--images", "4", "--rounds", "1", "--size", "32", "--demo-images", "4"
+    )
     assert out["bench"] == "augment"
     rates = out["images_per_s_per_core"]
     for name in ("mocov2", "mocov1"):
         ratio = rates[f"fast_{name}"] / rates[f"reference_{name}"]
         assert out[f"ratio_fast_vs_reference_{name}"] == pytest.approx(ratio, abs=0.006)  # printed to 2 d.p.
+    demo = out["demo_28px"]  # the demo's scale: 28² views of 28² PNGs
+    assert demo["size"] == 28 and demo["images"] == 4
+    ratio = demo["images_per_s_per_core"]["fast_mocov2"] / demo["images_per_s_per_core"]["reference_mocov2"]
+    assert demo["ratio_fast_vs_reference_mocov2"] == pytest.approx(ratio, abs=0.006)
 
 
 def test_step_bench_compares_official_and_trainer_step_per_bn():

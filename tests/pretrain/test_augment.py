@@ -234,6 +234,47 @@ def test_fast_blur_is_bit_exact(crop, sigma):
     assert levels(img.filter(ImageFilter.GaussianBlur(sigma)), FA.gaussian_blur(arr, sigma)).max() == 0
 
 
+def test_fast_blur_weights_are_pillows_on_many_sigmas():
+    """The scalar float32 radius / weights equal the vectorised torch transcription of BoxBlur.c
+    (which the blur tests above check against Pillow's pixels) on 20k sigmas, the whole-radius
+    switch at sqrt(2) included."""
+    from pretrain.augment import device as G
+
+    rng = np.random.default_rng(0)
+    sigmas = np.concatenate([rng.uniform(0.1, 2.0, 20000), [0.1, 2.0, np.sqrt(2), 1.4142135, 1.4142137]])
+    whole, ww, fw = G.pil_box_weights(G.pil_box_radius(torch.tensor(sigmas, dtype=torch.float32)))
+    expected = list(zip(whole.tolist(), ww.tolist(), fw.tolist()))
+    assert [FA.pil_box_weights(s) for s in sigmas.tolist()] == expected
+
+
+@pytest.mark.parametrize("height,width", [(375, 500), (28, 28), (500, 40), (40, 500), (1, 1), (3, 200)])
+def test_fast_crop_sampler_is_torchvisions(height, width):
+    """Same crops and the same torch RNG state afterwards as ``RandomResizedCrop.get_params``, the
+    central-crop fallback of extreme shapes included."""
+    for seed in range(200):
+        scale = [(0.2, 1.0), (0.08, 1.0), (0.9, 1.0)][seed % 3]
+        torch.manual_seed(seed)
+        ref = transforms.RandomResizedCrop.get_params(
+            torch.empty(0, height, width), list(scale), [3.0 / 4.0, 4.0 / 3.0]
+        )
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        assert FA.sample_crop(height, width, scale) == ref
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_fast_coin_flips_are_torchvisions(monkeypatch):
+    """``torch.rand(1) < p`` and RandomApply's ``p < torch.rand(1)`` compare in float32; the fast
+    draws compare the same float32 values as Python floats. Checked at and next to each threshold."""
+    for p in (0.1, 0.2, 0.3, 0.5, 0.7, 0.8):
+        t = np.float32(p)
+        for u in (t, np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(1))):
+            draw = torch.tensor([u], dtype=torch.float32)
+            monkeypatch.setattr(torch, "rand", lambda *a, d=draw, **k: d.clone())
+            assert FA._rand_below(p) == bool(draw < p)
+            assert FA._random_apply(p) == (not bool(p < draw))
+
+
 def test_fast_flip_and_normalise_are_exact(crop):
     img, arr = crop
     assert np.array_equal(np.asarray(TF.hflip(img)), FA.hflip(arr))
@@ -321,6 +362,14 @@ class Recorder:
             return out
 
         monkeypatch.setattr(transforms.RandomResizedCrop, "get_params", staticmethod(crop_params))
+        fast_crop = FA.sample_crop  # the fast path's own copy of get_params (checked equal below)
+
+        def fast_crop_params(height, width, scale):
+            out = fast_crop(height, width, scale)
+            self.log["crop"].append(out)
+            return out
+
+        monkeypatch.setattr(FA, "sample_crop", fast_crop_params)
         monkeypatch.setattr(transforms.ColorJitter, "get_params", staticmethod(jitter_params))
 
         def spy(key, fn, value=lambda *a: True):
