@@ -28,6 +28,13 @@ CONFIG_DIRS = {
 }
 # The VOC root written in configs/demo/voc_c4.yaml; other data roots are passed on the command line.
 CONFIG_VOC_ROOT = Path("datasets/demo/voc")
+# Rows fine-tuned with several seeds (SEED, SEED + 1, ...): the seed-to-seed spread of the detection
+# numbers, against which the gaps between rows are read.
+SEEDED_ROWS = ("random_init", "moco_v2")
+DETECTION_SEEDS = 2
+# Intra-op threads of the pretraining stages: one, so the loader worker has the other core of a 2-core
+# machine (measured: 1 thread + 1 worker runs MoCo faster than 2 threads + 1 worker there).
+PRETRAIN_THREADS = 1
 
 
 @cache
@@ -66,9 +73,18 @@ class Plan:
             "moco_v2": self.work / "pretrain" / "moco_v2" / "model_final.pth",
         }[row]
 
-    def detection_opts(self) -> list[str]:
+    def detection_seeds(self, row: str) -> list[int]:
+        """The seeds ``row``'s detector is fine-tuned with."""
+        return [self.seed + i for i in range(DETECTION_SEEDS if row in SEEDED_ROWS else 1)]
+
+    def detection_dir(self, row: str, seed: int) -> Path:
+        """Output of one fine-tuning run (the first seed keeps the plain row name)."""
+        name = row if seed == self.seed else f"{row}_seed{seed}"
+        return self.work / "detection" / name
+
+    def detection_opts(self, seed: int | None = None) -> list[str]:
         """Overrides every detection command (and the checks that rebuild its model) shares."""
-        opts = ["SEED", str(self.seed)]
+        opts = ["SEED", str(self.seed if seed is None else seed)]
         if self.data.voc.resolve() != CONFIG_VOC_ROOT.resolve():
             custom = [
                 {

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from demo.plan import ROW_TITLES, ROWS, Plan
+from demo.plan import PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
 from demo.stages import fmt_seconds
 from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import read_metrics
@@ -19,7 +19,8 @@ from moco_d2.core.metrics import read_metrics
 if TYPE_CHECKING:
     from demo.stages import Stage
 
-COLUMNS = ("kNN top-1", "linear top-1", "AP50", "AP", "AP75")
+DET_COLUMNS = ("AP50", "AP", "AP75")
+COLUMNS = ("kNN top-1", "linear top-1", *DET_COLUMNS)
 # The paper's numbers in the same shape (ResNet-50, ImageNet-1M pretraining, 200 epochs; VOC07+12
 # Faster R-CNN R50-C4, 24k iterations): MoCo v2 (Chen et al. 2020) Table 2, random init from
 # MoCo (He et al. 2020) Table 2. kNN was not reported there.
@@ -29,6 +30,49 @@ PAPER = {
     "moco_v1": (None, 60.6, 81.5, 55.9, 62.6),
     "moco_v2": (None, 67.5, 82.4, 57.0, 63.6),
 }
+
+
+def _machine_line() -> str:
+    """CPU model, core count and the vector kernel set torch dispatches to (it changes float32 results)."""
+    import torch
+
+    model = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{os.cpu_count()} CPU cores, {model}, ATen kernels {capability}"
+
+
+def _lincls_recipe(plan: Plan) -> str:
+    """How the linear classifier was trained, from its config (and how that differs from ImageNet's)."""
+    from moco_d2.core.config import load_config
+    from moco_d2.evaluation.lincls import lincls_defaults
+
+    c = load_config(lincls_defaults(), plan.config("lincls"))
+    s = c.SOLVER
+    recipe = (
+        f"frozen backbone in eval mode, new fc, SGD lr {s.BASE_LR:g} momentum {s.MOMENTUM:g} weight decay "
+        f"{s.WEIGHT_DECAY:g}, batch {s.BATCH_SIZE}, {s.EPOCHS} epochs with lr x{s.GAMMA:g} at epochs "
+        f"{', '.join(map(str, s.STEPS))}, the same for every row, final epoch reported."
+    )
+    if c.TRAIN.PRECOMPUTED_FEATURES:
+        recipe += (
+            " The features were computed once per image through the validation transform and the fc trained "
+            "on them (`TRAIN.PRECOMPUTED_FEATURES`); the ImageNet recipe instead shows each training image "
+            "through RandomResizedCrop + flip, a new crop every epoch."
+        )
+    if c.TRAIN.STANDARDIZE_FEATURES:
+        recipe += (
+            " Each feature dimension was standardised with the training features' mean and std "
+            "(`TRAIN.STANDARDIZE_FEATURES`, a BatchNorm without affine as in MAE's linear probe), so one lr "
+            "suits every row's feature scale (the paper's lr 30 on raw features fits MoCo's ResNet-50 only)."
+        )
+    return recipe
 
 
 def _backbone_line(arch: str) -> str:
@@ -72,27 +116,48 @@ def pretrain_curves(metrics_jsonl: Path) -> dict:
     }
 
 
+def lincls_curve(metrics_jsonl: Path) -> list[float]:
+    """The linear classifier's val top-1 after each epoch (empty when the stage has not run)."""
+    if not metrics_jsonl.is_file():
+        return []
+    return [float(r["val/top1"]) for r in read_metrics(metrics_jsonl) if "val/top1" in r]
+
+
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def collect_table(plan: Plan) -> dict[str, dict[str, float | None]]:
-    """The measured table: row -> column -> value (None when the stage has no output)."""
+    """The measured table: row -> column -> value (None when the stage has no output).
 
+    Detection columns are the mean over the row's fine-tuning seeds (``Plan.detection_seeds``).
+    """
     w = plan.work
     table = {}
     for row in ROWS:
         knn = _load(w / "knn" / row / "knn_results.json") or {}
         lin = _load(w / "lincls" / row / "results.json") or {}
-        det = _load(w / "detection" / row / "metrics.json") or {}
-        table[row] = {
-            "kNN top-1": knn.get("top1"),
-            "linear top-1": lin.get("top1"),
-            "AP50": det.get("AP50"),
-            "AP": det.get("AP"),
-            "AP75": det.get("AP75"),
-        }
+        table[row] = {"kNN top-1": knn.get("top1"), "linear top-1": lin.get("top1")}
+        runs = detection_runs(plan, row)
+        for col in DET_COLUMNS:
+            table[row][col] = sum(r[col] for r in runs) / len(runs) if runs else None
     return table
+
+
+def detection_runs(plan: Plan, row: str) -> list[dict]:
+    """The finished fine-tuning runs of ``row`` (one metrics dict per seed)."""
+    found = (_load(plan.detection_dir(row, s) / "metrics.json") for s in plan.detection_seeds(row))
+    return [m for m in found if m]
+
+
+def seed_spread(plan: Plan) -> dict[str, dict[str, float]]:
+    """Half the range (max - min) / 2 of each detection column over seeds, for rows with >= 2 runs."""
+    spread = {}
+    for row in ROWS:
+        runs = detection_runs(plan, row)
+        if len(runs) >= 2:
+            spread[row] = {c: (max(r[c] for r in runs) - min(r[c] for r in runs)) / 2 for c in DET_COLUMNS}
+    return spread
 
 
 def parse_table(markdown: str) -> dict[str, list[str]]:
@@ -140,6 +205,30 @@ def _plot_curves(plan: Plan, out: Path, random_knn: float | None) -> bool:
     return any_data
 
 
+def _plot_lincls(plan: Plan, out: Path) -> bool:
+    """Val top-1 per epoch of each row's linear classifier: shows whether (and when) it converged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    any_data = False
+    for row in ROWS:
+        curve = lincls_curve(plan.work / "lincls" / row / "metrics.jsonl")
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, label=ROW_TITLES[row])
+            any_data = True
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("linear top-1 on val (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return any_data
+
+
 def _plot_ap(table: dict, out: Path) -> None:
     import matplotlib
 
@@ -162,36 +251,76 @@ def _plot_ap(table: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _findings(table: dict, raw_knn: float | None) -> list[str]:
-    """Plain statements of what the numbers say, including where MoCo v2 does not win."""
+def _margin(spread: dict, col: str, a: str, b: str) -> float:
+    """The gap between rows ``a`` and ``b`` that seed noise alone can produce: the sum of their half
+    ranges (a row fine-tuned with one seed borrows the largest half range measured in that column)."""
+    worst = max((v[col] for v in spread.values()), default=0.0)
+    return spread.get(a, {}).get(col, worst) + spread.get(b, {}).get(col, worst)
 
+
+def _findings(table: dict, raw_knn: float | None, spread: dict) -> list[str]:
+    """Plain statements of what the numbers say, including where MoCo v2 does not win; detection gaps
+    are interpreted only when they exceed the measured seed spread."""
     lines = []
     v2, rnd = table["moco_v2"], table["random_init"]
-    if v2["kNN top-1"] is not None and rnd["kNN top-1"] is not None:
-        delta = v2["kNN top-1"] - rnd["kNN top-1"]
+    for col in ("kNN top-1", "linear top-1"):
+        if v2[col] is None or rnd[col] is None:
+            continue
+        delta = v2[col] - rnd[col]
         verdict = "learned useful features" if delta > 0 else "did NOT beat random init"
         lines.append(
-            f"MoCo v2 {verdict} by the kNN measure: {v2['kNN top-1']:.1f} % vs {rnd['kNN top-1']:.1f} % "
-            f"for the same network at random init ({delta:+.1f} points)."
+            f"MoCo v2 {verdict} by the {col.split()[0]} measure: {v2[col]:.1f} % vs {rnd[col]:.1f} % for the "
+            f"same network at random init ({delta:+.1f} points)."
         )
     if raw_knn is not None and v2["kNN top-1"] is not None:
-        rel = "above" if v2["kNN top-1"] > raw_knn else "below"
-        lines.append(f"MoCo v2's kNN top-1 is {rel} the raw-pixel kNN reference ({raw_knn:.1f} %).")
-    for col in COLUMNS:
-        # Compare what the table shows (one decimal), so a "win" is never invisible in the table.
-        vals = {r: round(table[r][col], 1) for r in table if table[r][col] is not None}
-        if "moco_v2" not in vals:
-            continue
-        mine = vals["moco_v2"]
-        above = sorted((r for r in vals if vals[r] > mine), key=vals.get, reverse=True)
-        ties = [ROW_TITLES[r] for r in vals if r != "moco_v2" and vals[r] == mine]
-        tie_text = f" (tied with {', '.join(ties)})" if ties else ""
-        if not above:
-            verdict = "ties for the best value" if ties else "is the best row"
-            lines.append(f"{col}: MoCo v2 {verdict} ({mine:.1f}){tie_text}.")
-        else:
-            beaten = ", ".join(f"{ROW_TITLES[r]} {vals[r]:.1f}" for r in above)
-            lines.append(f"{col}: at this scale MoCo v2 ({mine:.1f}) is beaten by {beaten}{tie_text}.")
+        delta = v2["kNN top-1"] - raw_knn
+        rel = "above" if delta > 0 else "below"
+        lines.append(
+            f"MoCo v2's kNN top-1 is {rel} the raw-pixel kNN reference ({raw_knn:.1f} %, {delta:+.1f} points): "
+            "its features separate the classes better than the pixels they were computed from."
+            if delta > 0
+            else f"MoCo v2's kNN top-1 is {rel} the raw-pixel kNN reference ({raw_knn:.1f} %, {delta:+.1f} points)."
+        )
+    if not spread:
+        lines.append("Detection was fine-tuned with one seed per row: no gap between rows is interpreted.")
+        return lines
+    seeded = ", ".join(ROW_TITLES[r] for r in spread)
+    half = "; ".join(
+        f"{ROW_TITLES[r]} " + ", ".join(f"{c} ±{v[c]:.1f}" for c in DET_COLUMNS) for r, v in spread.items()
+    )
+    lines.append(
+        f"Seed spread of detection (half range over fine-tuning seeds; {seeded}): {half}. A gap between two rows "
+        "is read as real only when it exceeds the sum of their half ranges (a row with one seed borrows the "
+        "largest one measured)."
+    )
+    pairs = (
+        ("moco_v2", "moco_v1"),
+        ("moco_v1", "random_init"),
+        ("moco_v2", "random_init"),
+        ("moco_v2", "supervised"),
+    )
+    for col in DET_COLUMNS:
+        parts = []
+        for a, b in pairs:
+            if table[a][col] is None or table[b][col] is None:
+                continue
+            gap, margin = table[a][col] - table[b][col], _margin(spread, col, a, b)
+            verdict = (
+                "beyond the seed spread" if abs(gap) > margin else "within the seed spread: not interpreted"
+            )
+            parts.append(f"{ROW_TITLES[a]} − {ROW_TITLES[b]} {gap:+.1f} (spread ±{margin:.1f}, {verdict})")
+        if parts:
+            lines.append(f"{col}: " + "; ".join(parts) + ".")
+    order_holds = [
+        col
+        for col in ("AP", "AP75")
+        if None not in (table["moco_v2"][col], table["moco_v1"][col], table["random_init"][col])
+        and table["moco_v2"][col] >= table["moco_v1"][col] > table["random_init"][col]
+    ]
+    lines.append(
+        "The paper's ordering MoCo v2 ≥ MoCo v1 > random init "
+        + (f"holds on {' and '.join(order_holds)}." if order_holds else "does not hold on AP or AP75 here.")
+    )
     return lines
 
 
@@ -242,6 +371,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     out_dir = plan.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     table = collect_table(plan)
+    spread = seed_spread(plan)
     raw = _load(plan.work / "raw_pixels" / "knn_results.json")
     raw_knn = raw["top1"] if raw else None
     manifest = _load(plan.data.manifest) or {}
@@ -251,6 +381,8 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         out_dir / "detections.png",
     )
     has_curves = _plot_curves(plan, curves_png, table["random_init"]["kNN top-1"])
+    lincls_png = out_dir / "linear_probe_curves.png"
+    has_lincls = _plot_lincls(plan, lincls_png)
     drawn = plan.work / "detections.png"
     if drawn.is_file() and drawn.resolve() != grid_png.resolve():
         shutil.copyfile(drawn, grid_png)
@@ -271,26 +403,31 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"{manifest.get('counts', {}).get('voc_test_images', '?')} test VOC-format scenes "
         f"({manifest.get('counts', {}).get('voc_test_boxes', '?')} test boxes; test scenes use test-split items only).",
         _backbone_line(plan.arch),
-        f"- Seed {plan.seed} for the data and every stage. Machine: {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, no GPU. Every stage ran "
-        f"with {plan.threads} intra-op threads and `torch.use_deterministic_algorithms(True, warn_only=True)` "
-        "(`demo/child.py`): the same command on the same machine gives the same numbers.",
+        f"- Seed {plan.seed} for the data and every stage. Machine: {_machine_line()}, torch {torch.__version__}, "
+        f"no GPU. Pretraining ran with {PRETRAIN_THREADS} intra-op thread(s) (its loader worker has the other "
+        f"core), every other stage with {plan.threads}, all with "
+        "`torch.use_deterministic_algorithms(True, warn_only=True)` (`demo/child.py`): the same command on the "
+        "same machine gives the same numbers. Another CPU kernel set (e.g. AVX2 instead of AVX-512) changes "
+        "float32 rounding, hence the numbers, by about the seed spread below.",
         f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below, "
         f"which a resumed demo collects over its invocations; the last invocation took {elapsed / 60:.1f} min).",
         "",
         "## Results",
         "",
-        "Top-1 accuracies in % on the 10-class val split (kNN: weighted, k 200, T 0.07; linear: frozen "
-        "backbone, new fc, the paper's recipe -- SGD lr 30, no feature normalisation, the same for every row, "
-        "final epoch reported; with so few epochs it is sensitive to each backbone's feature scale, so read it "
-        "next to kNN). Box AP in % on the test scenes (VOC07 11-point AP; AP is the mean over IoU 0.50:0.95).",
+        "Top-1 accuracies in % on the 10-class val split. kNN: weighted, k 200, T 0.07. Linear: "
+        f"{_lincls_recipe(plan)} Box AP in % on the test scenes (VOC07 11-point AP; AP is the mean over "
+        "IoU 0.50:0.95); rows fine-tuned with several seeds show mean ± half range.",
         "",
         "<!-- RESULTS -->",
         "| pretraining | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
     ]
     for row, vals in table.items():
-        md.append(f"| {ROW_TITLES[row]} | " + " | ".join(_fmt(vals[c]) for c in COLUMNS) + " |")
+        cells = [
+            _fmt(vals[c]) + (f" ± {spread[row][c]:.1f}" if row in spread and c in DET_COLUMNS else "")
+            for c in COLUMNS
+        ]
+        md.append(f"| {ROW_TITLES[row]} | " + " | ".join(cells) + " |")
     md += [
         "<!-- /RESULTS -->",
         "",
@@ -298,7 +435,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         "",
         "What the numbers say:",
         "",
-        *[f"- {line}" for line in _findings(table, raw_knn)],
+        *[f"- {line}" for line in _findings(table, raw_knn, spread)],
         "",
         "For shape only (not comparable in scale), the papers' numbers: ResNet-50, ImageNet-1M, 200 epochs; "
         "VOC07+12 R50-C4 24k iterations (MoCo v2 Table 2; random init from MoCo Table 2):",
@@ -313,6 +450,16 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"![pretraining curves]({curves_png.name})" if has_curves else "(no pretraining metrics found)",
         "",
     ]
+    if has_lincls:
+        md += [
+            "## Linear classifier curves",
+            "",
+            f"![linear probe curves]({lincls_png.name})",
+            "",
+            "Val top-1 of each row's linear classifier after every epoch: flat before the last step of the "
+            "schedule means the reported number is converged, not cut short.",
+            "",
+        ]
     md += [
         "Loss and contrastive accuracy are per-epoch means of the logged training values (MoCo v1 uses T 0.07, "
         "MoCo v2 T 0.2, so their losses are not on one scale); kNN is the monitor's top-1 after each epoch.",

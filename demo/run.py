@@ -24,8 +24,16 @@ import warnings
 from pathlib import Path
 
 from demo import data as demo_data
-from demo.plan import CONFIG_DIRS, ROW_TITLES, ROWS, Plan
-from demo.stages import Runner, Stage, detectron2_progress, epoch_progress, fmt_seconds, two_pass_progress
+from demo.plan import CONFIG_DIRS, PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
+from demo.stages import (
+    Runner,
+    Stage,
+    detectron2_progress,
+    epoch_progress,
+    fmt_seconds,
+    probe_progress,
+    two_pass_progress,
+)
 from moco_d2.core.errors import exit_on_user_error
 
 
@@ -54,6 +62,18 @@ def _max_iter(config_file: str) -> int:
     from detection.config import load_detection_config
 
     return int(load_detection_config(config_file).SOLVER.MAX_ITER)
+
+
+def _lincls_summary(out: Path) -> str:
+    from demo.report import lincls_curve
+
+    top1 = _json(out / "results.json")["top1"]
+    curve = lincls_curve(out / "metrics.jsonl")
+    if len(curve) < 3:
+        return f"top-1 {top1:.2f} %"
+    marks = sorted({1, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve)})
+    shown = ", ".join(f"{e}: {curve[e - 1]:.1f}" for e in marks)
+    return f"top-1 {top1:.2f} % (val top-1 after epoch {shown})"
 
 
 def _pretrain_summary(out: Path) -> str:
@@ -121,6 +141,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 ),  # fmt: skip
                 progress=epoch_progress(_pretrain_epochs(cfg), first_epoch=0),
                 summary=lambda out=out: _pretrain_summary(out),
+                threads=PRETRAIN_THREADS,
             )
         )
     sup_cfg = plan.config("supervised")
@@ -204,8 +225,8 @@ def build_stages(plan: Plan) -> list[Stage]:
                     "RESUME",
                     "auto",
                 ),  # fmt: skip
-                progress=epoch_progress(_lincls_epochs(lin_cfg), first_epoch=1),
-                summary=lambda out=out: f"top-1 {_json(out / 'results.json')['top1']:.2f} %",
+                progress=probe_progress(),
+                summary=lambda out=out: _lincls_summary(out),
             )
         )
     det_cfg, det_rand = plan.config("voc_c4"), plan.config("voc_c4_random_init")
@@ -239,27 +260,30 @@ def build_stages(plan: Plan) -> list[Stage]:
                     display=f"(in demo.run) demo.transfer.check_transfer({plan.backbone(row)}, {pkl}, {det_cfg})",
                 )
             )
-        stages.append(
-            Stage(
-                f"detection/{row}",
-                f"Faster R-CNN C4 fine-tuning + eval: {ROW_TITLES[row]}",
-                out / "metrics.json",
-                argv=_python(
-                    "detection/train_net.py",
-                    "--config-file",
-                    cfg,
-                    "--resume",
-                    *weights,
-                    "OUTPUT_DIR",
-                    str(out),
-                    *plan.detection_opts(),
-                ),  # fmt: skip
-                progress=detectron2_progress(_max_iter(cfg)),
-                summary=lambda out=out: "AP50 {AP50:.1f}, AP {AP:.1f}, AP75 {AP75:.1f}".format(
-                    **_json(out / "metrics.json")
-                ),
+        for det_seed in plan.detection_seeds(row):
+            out = plan.detection_dir(row, det_seed)
+            suffix = "" if det_seed == plan.seed else f" (seed {det_seed})"
+            stages.append(
+                Stage(
+                    f"detection/{out.name}",
+                    f"Faster R-CNN C4 fine-tuning + eval: {ROW_TITLES[row]}{suffix}",
+                    out / "metrics.json",
+                    argv=_python(
+                        "detection/train_net.py",
+                        "--config-file",
+                        cfg,
+                        "--resume",
+                        *weights,
+                        "OUTPUT_DIR",
+                        str(out),
+                        *plan.detection_opts(det_seed),
+                    ),  # fmt: skip
+                    progress=detectron2_progress(_max_iter(cfg)),
+                    summary=lambda out=out: "AP50 {AP50:.1f}, AP {AP:.1f}, AP75 {AP75:.1f}".format(
+                        **_json(out / "metrics.json")
+                    ),
+                )
             )
-        )
     ranks = w / "features" / "ranks.json"
     stages.append(
         Stage(

@@ -42,6 +42,7 @@ class Stage:
     # How the command is shown in the report (``python`` instead of the venv's absolute path).
     display: str = ""
     is_done: Callable[[], bool] | None = None  # a stricter completion test than ``done`` existing
+    threads: int | None = None  # intra-op threads of this child (None: the Runner's)
 
     def finished(self) -> bool:
         return self.is_done() if self.is_done is not None else self.done.exists()
@@ -71,6 +72,17 @@ def epoch_progress(epochs: int, first_epoch: int) -> ProgressFn:
             return None
         e, n, total = (int(v) for v in hits[-1])
         return min(1.0, (e - first_epoch + n / max(total, 1)) / max(epochs, 1))
+
+    return parse
+
+
+def probe_progress() -> ProgressFn:
+    """The linear probe on precomputed features: its "epoch e/E:" lines (feature extraction shows none)."""
+    line = re.compile(r"epoch (\d+)/(\d+):")
+
+    def parse(log: str) -> float | None:
+        hits = line.findall(log)
+        return int(hits[-1][0]) / max(int(hits[-1][1]), 1) if hits else None
 
     return parse
 
@@ -159,7 +171,7 @@ class Runner:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # Same thread count for every child whatever the caller's environment: reproducible numbers. The
         # wait policy (moco_d2.core.threads, applied when the demo package loaded) is in os.environ.
-        threads = str(self.threads)
+        threads = str(stage.threads or self.threads)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         with open(log_path, "ab") as logf:
             logf.write(f"\n$ {stage.command_line()}\n".encode())

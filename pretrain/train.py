@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -376,6 +378,11 @@ def wrap_ddp(moco: MoCo, device: torch.device) -> DistributedDataParallel:
 
 # Long (154 lines) pending the shared epoch-loop refactor (issue 15, point d): the step, checkpoint and
 # stop protocol are one sequence whose order the float64 and resume-exactness tests pin.
+def _cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call, if installed."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
 def train(cfg: CfgNode, info: DistInfo) -> dict:
     """Run (or continue) the whole schedule; returns a summary (iteration, epoch, last loss, stopped)."""
     device, world, main = info.device, info.world_size, info.is_main
@@ -397,7 +404,9 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
     channels_last = cfg.TRAIN.CHANNELS_LAST and device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     moco = moco.to(memory_format=memory_format)
-    if cfg.TRAIN.COMPILE:
+    if cfg.TRAIN.COMPILE and device.type == "cpu" and not _cpp_compiler():
+        logger.warning("TRAIN.COMPILE: no C++ compiler (g++ or $CXX) for the CPU code; running eager instead")
+    elif cfg.TRAIN.COMPILE:
         moco.compile_encoders(mode=cfg.TRAIN.COMPILE_MODE)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
