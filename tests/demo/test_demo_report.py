@@ -10,7 +10,7 @@ import torch
 
 from demo.diagnostics import effective_rank
 from demo.report import _findings, _rank_section, pretrain_curves
-from demo.stages import detectron2_progress, epoch_progress, two_pass_progress
+from demo.stages import detectron2_progress, epoch_progress, probe_progress, two_pass_progress
 from demo.transfer import detectron2_name, is_pretrainable
 
 
@@ -37,20 +37,49 @@ def _table(v2: float, others: dict[str, float]) -> dict:
 
 
 def test_findings_say_when_a_baseline_wins():
-    lines = _findings(_table(70.0, {"random_init": 72.04, "supervised": 90.0, "moco_v1": 60.0}), raw_knn=80.0)
-    assert any("did NOT beat random init" in s for s in lines)
-    assert any("below the raw-pixel" in s for s in lines)
-    assert "AP50: at this scale MoCo v2 (70.0) is beaten by supervised 90.0, random init 72.0." in lines
+    table = _table(70.0, {"random_init": 72.04, "supervised": 90.0, "moco_v1": 60.0})
+    lines = _findings(table, raw_knn=80.0, spread={})
+    assert any("did NOT beat random init by the kNN measure" in s for s in lines)
+    assert any("below the raw-pixel" in s and "-10.0 points" in s for s in lines)
+    assert "Detection was fine-tuned with one seed per row: no gap between rows is interpreted." in lines
 
 
-def test_findings_ties_and_wins_use_the_shown_decimal():
-    lines = _findings(
-        _table(80.04, {"random_init": 80.01, "supervised": 50.0, "moco_v1": 60.0}), raw_knn=None
-    )
-    assert "AP: MoCo v2 ties for the best value (80.0) (tied with random init)." in lines
-    lines = _findings(_table(81.0, {"random_init": 80.0, "supervised": 50.0, "moco_v1": 60.0}), raw_knn=None)
-    assert "kNN top-1: MoCo v2 is the best row (81.0)." in lines
-    assert any("learned useful features" in s and "+1.0 points" in s for s in lines)
+def test_findings_read_detection_gaps_against_the_seed_spread():
+    table = _table(50.0, {"random_init": 40.0, "supervised": 49.0, "moco_v1": 48.0})
+    spread = {
+        r: dict.fromkeys(("AP50", "AP", "AP75"), h) for r, h in (("moco_v2", 1.5), ("random_init", 0.5))
+    }
+    lines = _findings(table, raw_knn=45.0, spread=spread)
+    ap = next(s for s in lines if s.startswith("AP: "))
+    # v2 - v1 = +2.0 against 1.5 + 1.5 (v1 borrows the largest half range): not interpreted
+    assert "MoCo v2 − MoCo v1 +2.0 (spread ±3.0, within the seed spread: not interpreted)" in ap
+    # v1 - random = +8.0 against 1.5 + 0.5: real
+    assert "MoCo v1 − random init +8.0 (spread ±2.0, beyond the seed spread)" in ap
+    assert "MoCo v2 − supervised +1.0 (spread ±3.0, within" in ap
+    assert "The paper's ordering MoCo v2 ≥ MoCo v1 > random init holds on AP and AP75." in lines
+    assert any("above the raw-pixel" in s and "+5.0 points" in s for s in lines)
+    table["moco_v1"]["AP75"] = 55.0
+    lines = _findings(table, raw_knn=None, spread=spread)
+    assert "The paper's ordering MoCo v2 ≥ MoCo v1 > random init holds on AP." in lines
+
+
+def test_seed_spread_is_half_the_range_and_the_table_the_mean(tmp_path):
+    from demo import data as demo_data
+    from demo.plan import Plan
+    from demo.report import collect_table, seed_spread
+
+    plan = Plan("smoke", 3, demo_data.DemoData(tmp_path / "data"), tmp_path / "work", tmp_path)
+    assert plan.detection_seeds("moco_v2") == [3, 4] and plan.detection_seeds("moco_v1") == [3]
+    assert plan.detection_dir("moco_v2", 3).name == "moco_v2"
+    assert plan.detection_dir("moco_v2", 4).name == "moco_v2_seed4"
+    for row, seed, ap in (("moco_v2", 3, 20.0), ("moco_v2", 4, 23.0), ("moco_v1", 3, 10.0)):
+        out = plan.detection_dir(row, seed)
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"AP50": ap + 10, "AP": ap, "AP75": ap - 5}))
+    table, spread = collect_table(plan), seed_spread(plan)
+    assert table["moco_v2"]["AP"] == 21.5 and table["moco_v2"]["AP75"] == 16.5
+    assert table["moco_v1"]["AP"] == 10.0 and table["random_init"]["AP"] is None
+    assert spread == {"moco_v2": {"AP50": 1.5, "AP": 1.5, "AP75": 1.5}}
 
 
 def test_progress_parsers():
@@ -63,6 +92,9 @@ def test_progress_parsers():
     d2 = detectron2_progress(200)
     assert d2("eta: 0:01:00  iter: 99  total_loss: 1.0") == pytest.approx(0.9 * 100 / 200)
     assert d2("iter: 199 ...\nInference done 150/300. Dataloading") == pytest.approx(0.95)
+    probe = probe_progress()
+    assert probe("train features 20/235 (11 it/s)") is None
+    assert probe("epoch 1/100: train loss 0.7\nepoch 25/100: train loss 0.6") == pytest.approx(0.25)
     knn = two_pass_progress()
     assert knn("kNN bank 20/59 (4.8 it/s)") == pytest.approx(20 / 59 / 2)
     assert knn("kNN bank 59/59 (5.2 it/s)\nkNN queries 5/10 (4.6 it/s)") == pytest.approx(0.75)

@@ -49,8 +49,14 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path):
     assert list(table) == ["random init", "supervised", "MoCo v1", "MoCo v2"]
     for row, cells in table.items():
         assert len(cells) == 5, row
-        assert all(math.isfinite(float(c)) for c in cells), (row, cells)
-    for png in ("pretraining_curves.png", "detection_ap.png", "detections.png"):
+        assert all(math.isfinite(float(c.split(" ± ")[0])) for c in cells), (row, cells)
+        # detection of random init and MoCo v2 ran with two seeds: mean ± half range
+        assert all((" ± " in c) == (row in ("random init", "MoCo v2")) for c in cells[2:]), (row, cells)
+    assert (work / "detection" / "moco_v2_seed1" / "metrics.json").is_file()
+    assert "Seed spread of detection" in report
+    lincls = json.loads((work / "lincls" / "moco_v2" / "results.json").read_text())
+    assert lincls["features"].startswith("precomputed once") and lincls["sanity_check"] == "passed"
+    for png in ("pretraining_curves.png", "detection_ap.png", "detections.png", "linear_probe_curves.png"):
         assert (work / png).stat().st_size > 0
     checks = [json.loads((work / "detection" / f"transfer_check_{r}.json").read_text()) for r in ("moco_v2",)]
     assert checks[0]["tensors_identical"] == 100  # ResNet-18 layout: 75 backbone + 25 res5 tensors
