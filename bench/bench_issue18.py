@@ -219,6 +219,11 @@ def describe_cudagraphs(report: dict[str, object]) -> str:
         f"{report['graphs_after_warmup']} after warm-up, {report['graphs_after_timing']} after timing; "
         f"inductor cudagraph skips: {skips}"
     )
+    before, after = report["graphs_after_warmup"], report["graphs_after_timing"]
+    if isinstance(before, int) and isinstance(after, int) and after > before:
+        text += (
+            f"; RE-RECORDED during timing ({after - before} new graphs: the timed rate includes recording)"
+        )
     return "\n".join([text, *(f"  skip reason: {m}" for m in report["skip_reasons"])])
 
 

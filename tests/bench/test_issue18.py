@@ -94,3 +94,34 @@ def test_fewer_than_three_rounds_is_refused():
 
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--rounds", "2"])
+
+
+@pytest.mark.parametrize(
+    ("launches", "recorded", "skips", "verdict"),
+    [
+        ({"graph_launches": 3, "kernel_launches": 40}, 3, 0, "yes"),
+        ({"graph_launches": 2, "kernel_launches": 400}, 2, 1, "partly"),  # e.g. one graph fell back
+        ({"graph_launches": 0, "kernel_launches": 900}, 0, 2, "no"),
+        (None, 3, 0, "yes"),  # profiler unavailable: the recorded graphs decide
+        (None, None, 0, "unknown"),
+    ],
+)
+def test_cuda_graph_verdict_and_line(launches, recorded, skips, verdict):
+    """The GPU run's report, from the evidence it collects (no GPU here: the evidence is made up)."""
+    from bench.bench_issue18 import cudagraph_verdict, describe_cudagraphs
+
+    report = {
+        "mode": "ours + compile reduce-overhead",
+        "device": "cuda",
+        "graphs_after_warmup": recorded,
+        "graphs_after_timing": recorded,
+        "launches_in_one_step": launches,
+        "counters_delta": {"cudagraph_skips": skips} if skips else {},
+        "skip_reasons": ["skipping cudagraphs due to mutated inputs (2 instances)"] if skips else [],
+    }
+    report["used"] = cudagraph_verdict(report)
+    assert report["used"] == verdict
+    line = describe_cudagraphs(report)
+    assert line.startswith(f"CUDA graphs in 'ours + compile reduce-overhead': {verdict} -- ")
+    assert f"inductor cudagraph skips: {skips}" in line
+    assert ("skip reason: skipping cudagraphs due to mutated inputs" in line) == bool(skips)
