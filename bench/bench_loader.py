@@ -167,6 +167,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    if args.real_step and args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as main_moco.py and pretrain.train set it (both rows)
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         most = max(warmup_batches(w, args) for w in args.workers) + args.steps

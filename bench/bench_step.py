@@ -48,6 +48,8 @@ class StepMode:
     optimizer_impl: str = "loop"  # "loop" | "foreach" | "fused"
     pinned_non_blocking: bool = False
     compile: bool = False  # torch.compile both encoders (TRAIN.COMPILE)
+    compile_mode: str = "default"  # TRAIN.COMPILE_MODE ("reduce-overhead": CUDA graphs)
+    compile_backend: str = "inductor"  # "eager": dynamo only (CPU self-tests, no code generation)
     official: bool = False  # the official code's model and loop (bench.official) instead of ours
 
 
@@ -85,7 +87,10 @@ def build(arch: str, K: int, device: torch.device, mode: StepMode, seed: int = 0
     if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if mode.compile:
-        model.compile_encoders()
+        if mode.compile_backend == "inductor":
+            model.compile_encoders(mode=mode.compile_mode)
+        else:  # other backends take no inductor mode
+            model.compile_encoders(backend=mode.compile_backend)
     flags = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[
         mode.optimizer_impl
     ]
@@ -147,27 +152,33 @@ class Runner:
         return loss
 
 
-def measure(
-    args, device: torch.device, modes: list[StepMode], batch: int, bn_splits: int
-) -> list[dict[str, object]]:
-    """Interleaved timing (A B A B ...): background load affects every mode alike."""
-    runners = [Runner(args, device, mode, batch, bn_splits) for mode in modes]
-    rounds: list[list[float]] = [[] for _ in runners]
-    for _ in range(args.rounds):
-        for r, rates in zip(runners, rounds):
+def time_runners(runners: list[Runner], steps: int, rounds: int) -> list[dict[str, object]]:
+    """Interleaved timing (A B A B ...): background load affects every mode alike. Each round is
+    ``steps`` steps ending in a device synchronisation (``Runner.run``); median (min-max) images/s."""
+    rates: list[list[float]] = [[] for _ in runners]
+    for _ in range(rounds):
+        for r, rs in zip(runners, rates):
             start = time.perf_counter()
-            r.run(args.steps)
-            rates.append(batch * args.steps / (time.perf_counter() - start))
-    out = [
+            r.run(steps)
+            rs.append(r.batch * steps / (time.perf_counter() - start))
+    return [
         {
-            "images_per_s": statistics.median(rates),
-            "min": min(rates),
-            "max": max(rates),
+            "images_per_s": statistics.median(rs),
+            "min": min(rs),
+            "max": max(rs),
             "peak_mem_gib": r.peak_gib,
             "first_loss": r.first_loss,
         }
-        for r, rates in zip(runners, rounds)
+        for r, rs in zip(runners, rates)
     ]
+
+
+def measure(
+    args, device: torch.device, modes: list[StepMode], batch: int, bn_splits: int
+) -> list[dict[str, object]]:
+    """Every mode's runner built first (same weights), then :func:`time_runners`."""
+    runners = [Runner(args, device, mode, batch, bn_splits) for mode in modes]
+    out = time_runners(runners, args.steps, args.rounds)
     del runners
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -34,3 +34,21 @@ def test_gpu_check_entrypoints_run_on_cpu(tmp_path):
     work = tmp_path / "entrypoints_work"
     assert (work / "moco.pkl").stat().st_size > 0 and (work / "voc_out" / "metrics.json").is_file()
     assert "speed parts skipped" in out
+
+
+def test_gpu_check_skips_parts_it_has_no_time_for(tmp_path):
+    """The whole call must end within the lent machine's limit: a part the BUDGET cannot fit is skipped,
+    said so in the summary, and the call fails."""
+    cmd = ["bash", "bench/gpu_check.sh", "PARTS=entrypoints", "DEVICE=cpu", "BUDGET=20"]
+    proc = subprocess.run(
+        [*cmd, f"PYTHON={sys.executable}", f"OUT={tmp_path}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "=== entrypoints: SKIPPED" in out and "entrypoints: skipped (budget)" in out
+    assert not (tmp_path / "entrypoints_work").exists()
