@@ -148,3 +148,33 @@ def test_rank_section_explains_a_collapsed_supervised_backbone():
     ranks["rows"]["supervised"] = r(100.0, 150.0)  # no collapse -> no explanation is printed
     assert "10 labels" not in "\n".join(_rank_section(ranks, table))
     assert _rank_section(None, table) == []
+
+
+def test_compare_reports_identical_runs_and_the_largest_difference(tmp_path, capsys):
+    from demo import data as demo_data
+    from demo.compare import main as compare_main
+    from demo.plan import ROWS, Plan
+
+    def fake_run(work, ap_shift: float) -> None:
+        plan = Plan("smoke", 0, demo_data.DemoData(tmp_path), work, work)
+        for row in ROWS:
+            for sub, name, val in (("knn", "knn_results.json", 70.0), ("lincls", "results.json", 80.0)):
+                (work / sub / row).mkdir(parents=True, exist_ok=True)
+                (work / sub / row / name).write_text(json.dumps({"top1": val}))
+            for seed in plan.detection_seeds(row):
+                out = plan.detection_dir(row, seed)
+                out.mkdir(parents=True, exist_ok=True)
+                ap = 20.0 + seed + (ap_shift if row == "moco_v2" else 0.0)
+                (out / "metrics.json").write_text(json.dumps({"AP50": ap + 10, "AP": ap, "AP75": ap - 5}))
+        (work / "raw_pixels").mkdir(parents=True, exist_ok=True)
+        (work / "raw_pixels" / "knn_results.json").write_text(json.dumps({"top1": 79.0}))
+
+    fake_run(tmp_path / "a", 0.0)
+    fake_run(tmp_path / "b", 0.0)
+    fake_run(tmp_path / "c", 0.25)
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b"), "--preset", "smoke"]) == 0
+    assert '"identical": true' in capsys.readouterr().out
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "c"), "--preset", "smoke"]) == 1
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["demo_compare"]
+    assert line["identical"] is False and line["max_abs_diff"]["AP"] == 0.25
+    assert line["max_abs_diff"]["kNN top-1"] == 0.0
