@@ -49,6 +49,9 @@ def pretrain_defaults() -> CfgNode:
     c.AUG.IMPL = "reference"  # "reference" (PIL + torchvision), "fast" (CPU uint8), "gpu" (on device)
     c.AUG.SIZE = 224
     c.AUG.CROP_SCALE = [0.2, 1.0]
+    # GaussianBlur sigma range in pixels (aug+ only), SimCLR's for 224 px; scale it with AUG.SIZE for
+    # small images (SimCLR drops the blur on 32 px CIFAR altogether).
+    c.AUG.BLUR_SIGMA = [0.1, 2.0]
     c.AUG.MEAN = list(IMAGENET_MEAN)
     c.AUG.STD = list(IMAGENET_STD)
 

@@ -31,10 +31,19 @@ def build_pretrain_transform(
     """
     s = aug_settings(aug_cfg)
     if s["impl"] == "reference":
-        recipe = mocov2_reference if s["name"] == "mocov2" else mocov1_reference
-        return TwoCropsTransform(recipe(s["size"], s["scale"], s["mean"], s["std"]))
+        if s["name"] == "mocov2":
+            return TwoCropsTransform(
+                mocov2_reference(s["size"], s["scale"], s["mean"], s["std"], s["blur_sigma"])
+            )
+        return TwoCropsTransform(mocov1_reference(s["size"], s["scale"], s["mean"], s["std"]))
     if s["impl"] == "fast":
         return fast_augment.FastTwoViewTransform(
-            s["name"], s["size"], s["scale"], s["mean"], s["std"], uint8_output=normalize_on_device
+            s["name"],
+            s["size"],
+            s["scale"],
+            s["mean"],
+            s["std"],
+            uint8_output=normalize_on_device,
+            blur_sigma=s["blur_sigma"],
         )
     return fast_augment.CropFlipTwoView(s["size"], s["scale"])

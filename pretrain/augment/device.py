@@ -128,14 +128,22 @@ def pil_box_weights(radius: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return whole, ww, fw
 
 
-# the widest box Pillow uses for sigma <= BLUR_SIGMA[1]: a fixed tap count, so no host sync
+# the widest box Pillow uses for sigma <= BLUR_SIGMA[1] (the default recipe's; see max_box_radius)
 MAX_BOX_RADIUS = int(pil_box_radius(torch.tensor([BLUR_SIGMA[1]]))[0])
 
 
-def box_blur_pass(x: Tensor, whole: Tensor, ww: Tensor, fw: Tensor, dim: int) -> Tensor:
+def max_box_radius(sigma_max: float) -> int:
+    """The widest box Pillow uses for sigmas up to ``sigma_max``: a fixed tap count, so no host sync."""
+    return int(pil_box_radius(torch.tensor([float(sigma_max)]))[0])
+
+
+def box_blur_pass(
+    x: Tensor, whole: Tensor, ww: Tensor, fw: Tensor, dim: int, max_radius: int = MAX_BOX_RADIUS
+) -> Tensor:
     """One Pillow box pass along ``dim`` of an int64 batch, per-sample weights of shape (B, 1, 1, 1):
-    ``(ww * sum(|k| <= r) + fw * (x[-r-1] + x[r+1]) + 2^23) >> 24`` with edge replication."""
-    half = MAX_BOX_RADIUS + 1
+    ``(ww * sum(|k| <= r) + fw * (x[-r-1] + x[r+1]) + 2^23) >> 24`` with edge replication
+    (``max_radius`` >= every sample's whole radius)."""
+    half = max_radius + 1
     n = x.shape[dim]
     idx = torch.arange(-half, n + half, device=x.device).clamp_(0, n - 1)
     padded = x.index_select(dim, idx)
@@ -147,14 +155,14 @@ def box_blur_pass(x: Tensor, whole: Tensor, ww: Tensor, fw: Tensor, dim: int) ->
     return acc >> 24
 
 
-def pil_gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+def pil_gaussian_blur(x: Tensor, sigma: Tensor, max_radius: int = MAX_BOX_RADIUS) -> Tensor:
     """Pillow's ``GaussianBlur(radius=sigma)`` on an integer Bx3xHxW batch, per-sample sigma: three
     box passes along the rows, then three along the columns, each rounded to 8 bits. Exact."""
     whole, ww, fw = (v.view(-1, 1, 1, 1) for v in pil_box_weights(pil_box_radius(sigma)))
     y = x.long()
     for dim in (3, 2):
         for _ in range(BLUR_PASSES):
-            y = box_blur_pass(y, whole, ww, fw, dim)
+            y = box_blur_pass(y, whole, ww, fw, dim, max_radius)
     return y.int()
 
 
@@ -196,8 +204,8 @@ def to_grayscale(x: Tensor) -> Tensor:
     return luma(x).expand_as(x).contiguous()
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    return pil_gaussian_blur(x, sigma)
+def gaussian_blur(x: Tensor, sigma: Tensor, max_radius: int = MAX_BOX_RADIUS) -> Tensor:
+    return pil_gaussian_blur(x, sigma, max_radius)
 
 
 class Normalize(nn.Module):
@@ -226,11 +234,14 @@ class GPUAugment(nn.Module):
         name: str = "mocov2",
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
     ) -> None:
         super().__init__()
         if name not in ("mocov2", "mocov1"):
             raise ValueError(f"unknown augmentation recipe {name!r}")
         self.name = name
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.max_radius = max_box_radius(self.blur_sigma[1])
         # the reference's (brightness, contrast, saturation, hue) strengths and probabilities
         self.jitter = (0.4, 0.4, 0.4, 0.1) if name == "mocov2" else (0.4, 0.4, 0.4, 0.4)
         self.p_jitter = 0.8 if name == "mocov2" else 1.0
@@ -244,7 +255,7 @@ class GPUAugment(nn.Module):
     @classmethod
     def from_config(cls, aug_cfg: Any) -> GPUAugment:
         s = aug_settings(aug_cfg)
-        return cls(s["name"], s["mean"], s["std"])
+        return cls(s["name"], s["mean"], s["std"], s["blur_sigma"])
 
     def sample_params(self, batch: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Draw every random parameter for ``batch`` samples (on the generator's device)."""
@@ -266,7 +277,7 @@ class GPUAugment(nn.Module):
             "hue": torch.trunc(hue * 255.0) / 255.0,
             "gray": torch.rand(batch, generator=generator, device=device) < self.p_gray,
             "blur": torch.rand(batch, generator=generator, device=device) < self.p_blur,
-            "sigma": uniform(*BLUR_SIGMA),
+            "sigma": uniform(*self.blur_sigma),
         }
 
     def apply(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
@@ -291,7 +302,7 @@ class GPUAugment(nn.Module):
             return self._jitter(x, p)
         x = self._jitter(x, p)
         x = self._where(p["gray"], x, to_grayscale(x))
-        return self._where(p["blur"], x, gaussian_blur(x, p["sigma"]))
+        return self._where(p["blur"], x, gaussian_blur(x, p["sigma"], self.max_radius))
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
@@ -323,7 +334,7 @@ class GPUAugment(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}"
+        return f"name={self.name!r}, blur_sigma={self.blur_sigma}"
 
 
 def build_gpu_augment(aug_cfg: Any, device: torch.device | str) -> GPUAugment:
@@ -337,7 +348,7 @@ def build_device_stage(aug_cfg: Any, device: torch.device | str) -> nn.Module | 
     see ``normalize_on_device``); nothing otherwise (the loader ships finished float views)."""
     s = aug_settings(aug_cfg)
     if s["impl"] == "gpu":
-        return GPUAugment(s["name"], s["mean"], s["std"]).to(device)
+        return GPUAugment(s["name"], s["mean"], s["std"], s["blur_sigma"]).to(device)
     if normalize_on_device(aug_cfg, device):
         return Normalize(s["mean"], s["std"]).to(device)
     return None

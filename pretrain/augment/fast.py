@@ -370,6 +370,7 @@ class FastTwoViewTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         uint8_output: bool = False,
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
     ) -> None:
         """``uint8_output``: return the augmented uint8 CHW views and leave the normalisation to the
         device (``pretrain.augment.device.Normalize``): 3 bytes per pixel through the loader, pinned memory
@@ -381,6 +382,7 @@ class FastTwoViewTransform:
         self.scale = tuple(scale)
         self.normalize = Normalize(mean, std)
         self.uint8_output = uint8_output
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
 
     def __call__(self, img: Image.Image | np.ndarray) -> TwoViews:
         _single_threaded_cv2()
@@ -397,7 +399,7 @@ class FastTwoViewTransform:
             if _rand_below(0.2):
                 x = to_grayscale(x)
             if _random_apply(0.5):
-                x = gaussian_blur(x, random.uniform(*BLUR_SIGMA))
+                x = gaussian_blur(x, random.uniform(*self.blur_sigma))
         else:
             if _rand_below(0.2):
                 x = to_grayscale(x)

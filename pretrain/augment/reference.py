@@ -63,14 +63,15 @@ def mocov2_reference(
     scale: Sequence[float] = (0.2, 1.0),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    blur_sigma: Sequence[float] = BLUR_SIGMA,
 ) -> transforms.Compose:
-    """MoCo v2 "aug+" (SimCLR-style), identical to the official code."""
+    """MoCo v2 "aug+" (SimCLR-style), identical to the official code (with the default ``blur_sigma``)."""
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(size, scale=tuple(scale)),
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([GaussianBlur(BLUR_SIGMA)], p=0.5),
+            transforms.RandomApply([GaussianBlur(blur_sigma)], p=0.5),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(mean=list(mean), std=list(std)),
@@ -122,4 +123,17 @@ def aug_settings(aug_cfg: Any) -> dict[str, Any]:
     std = tuple(float(s) for s in _cfg(aug_cfg, "STD", IMAGENET_STD))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise UserError(f"config keys AUG.MEAN/AUG.STD: expected 3 values each (STD > 0), got {mean} / {std}")
-    return {"name": name, "impl": impl, "size": size, "scale": scale, "mean": mean, "std": std}
+    blur = tuple(float(s) for s in _cfg(aug_cfg, "BLUR_SIGMA", BLUR_SIGMA))
+    if len(blur) != 2 or not (0.0 < blur[0] <= blur[1]):
+        raise UserError(
+            f"config key AUG.BLUR_SIGMA: expected [min, max] with 0 < min <= max, got {list(blur)}"
+        )
+    return {
+        "name": name,
+        "impl": impl,
+        "size": size,
+        "scale": scale,
+        "mean": mean,
+        "std": std,
+        "blur_sigma": blur,
+    }

@@ -478,3 +478,49 @@ def test_gpu_parameter_statistics_match_reference(monkeypatch):
         assert np.all(
             np.abs(counts / len(perms) - 1 / 24) <= 4.5 * np.sqrt((1 / 24) * (23 / 24) / len(perms))
         )
+
+
+def test_blur_sigma_is_configurable_and_every_path_follows_it():
+    """AUG.BLUR_SIGMA (the demo scales it to 28 px) reaches the reference, the fast path and the device
+    path; the reference and fast paths still draw identically, and a bad range is a one-line error."""
+    from types import SimpleNamespace
+
+    from moco_d2.core.errors import UserError
+    from pretrain.augment import build_pretrain_transform
+    from pretrain.augment.device import GPUAugment, build_device_stage
+    from pretrain.augment.reference import aug_settings
+
+    small = (0.0125, 0.25)
+    cfg = SimpleNamespace(NAME="mocov2", IMPL="reference", SIZE=32, BLUR_SIGMA=list(small))
+    ref = build_pretrain_transform(cfg)
+    assert ref.base_transform.transforms[3].transforms[0].sigma == small
+    cfg.IMPL = "fast"
+    fast = build_pretrain_transform(cfg)
+    assert fast.blur_sigma == small
+    img = natural_image(3)
+    for seed in range(6):
+        outs = []
+        for t in (ref, fast):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            outs.append((t(img), torch.rand(1).item(), random.random()))
+        assert outs[0][1:] == outs[1][1:]  # same draws, including the blur sigma from `random`
+    cfg.IMPL = "gpu"
+    stage = build_device_stage(cfg, "cpu")
+    sigmas = stage.sample_params(1000, torch.Generator().manual_seed(0))["sigma"]
+    assert small[0] <= sigmas.min() and sigmas.max() <= small[1]
+    assert stage.max_radius == 0 and GPUAugment("mocov2").max_radius == 1
+    for bad in ([0.0, 1.0], [2.0, 1.0], [1.0]):
+        with pytest.raises(UserError, match="AUG.BLUR_SIGMA"):
+            aug_settings(SimpleNamespace(NAME="mocov2", IMPL="fast", BLUR_SIGMA=bad))
+    # the device blur with the narrower fixed tap count is still Pillow's, bit for bit
+    from PIL import ImageFilter
+
+    import pretrain.augment.device as G
+
+    arr = np.array(natural_image(4, 24))
+    x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).int()
+    for sigma in (0.0125, 0.1, 0.2, 0.25):
+        want = np.array(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(radius=sigma)))
+        got = G.gaussian_blur(x, torch.tensor([sigma]), stage.max_radius)[0].permute(1, 2, 0).numpy()
+        assert np.array_equal(got.astype(np.uint8), want), sigma
