@@ -175,24 +175,26 @@ def _fmt(v: float | None) -> str:
 
 
 def _plot_curves(plan: Plan, out: Path, random_knn: float | None) -> bool:
+    """Loss and contrastive accuracy per epoch of both MoCo runs, and the kNN monitor when it ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    any_data = False
-    for v, colour in (("moco_v2", "tab:red"), ("moco_v1", "tab:blue")):
+    curves = {}
+    for v in ("moco_v2", "moco_v1"):
         path = plan.work / "pretrain" / v / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        c = pretrain_curves(path)
-        label = {"moco_v2": "MoCo v2", "moco_v1": "MoCo v1"}[v]
+        if path.is_file():
+            curves[v] = pretrain_curves(path)
+    with_knn = any(c["knn"] for c in curves.values())
+    fig, axes = plt.subplots(1, 3 if with_knn else 2, figsize=(12 if with_knn else 8, 3.4))
+    for v, c in curves.items():
+        colour, label = {"moco_v2": ("tab:red", "MoCo v2"), "moco_v1": ("tab:blue", "MoCo v1")}[v]
         axes[0].plot(c["epoch"], c["loss"], "o-", color=colour, label=label)
         axes[1].plot(c["epoch"], c["acc1"], "o-", color=colour, label=label)
-        axes[2].plot(range(1, len(c["knn"]) + 1), c["knn"], "o-", color=colour, label=label)
-        any_data = True
-    if random_knn is not None:
+        if with_knn:
+            axes[2].plot(range(1, len(c["knn"]) + 1), c["knn"], "o-", color=colour, label=label)
+    if with_knn and random_knn is not None:
         axes[2].axhline(random_knn, color="gray", ls="--", label="random init")
     for ax, title in zip(axes, ("InfoNCE loss", "contrastive top-1 (%)", "kNN top-1 on val (%)")):
         ax.set_title(title, fontsize=10)
@@ -202,7 +204,7 @@ def _plot_curves(plan: Plan, out: Path, random_knn: float | None) -> bool:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return any_data
+    return bool(curves)
 
 
 def _plot_lincls(plan: Plan, out: Path) -> bool:
@@ -462,7 +464,8 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         ]
     md += [
         "Loss and contrastive accuracy are per-epoch means of the logged training values (MoCo v1 uses T 0.07, "
-        "MoCo v2 T 0.2, so their losses are not on one scale); kNN is the monitor's top-1 after each epoch.",
+        "MoCo v2 T 0.2, so their losses are not on one scale); kNN, when the monitor ran (`KNN.EVAL_PERIOD`), is "
+        "its top-1 after each evaluated epoch.",
         "",
         "## Detection",
         "",
