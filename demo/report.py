@@ -409,8 +409,9 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"no GPU. Pretraining ran with {PRETRAIN_THREADS} intra-op thread(s) (its loader worker has the other "
         f"core), every other stage with {plan.threads}, all with "
         "`torch.use_deterministic_algorithms(True, warn_only=True)` (`demo/child.py`): the same command on the "
-        "same machine gives the same numbers. Another CPU kernel set (e.g. AVX2 instead of AVX-512) changes "
-        "float32 rounding, hence the numbers, by about the seed spread below.",
+        "same machine gives the same numbers. Another CPU kernel set (e.g. AVX2 instead of AVX-512) rounds "
+        "float32 differently and so moves the numbers; `python -m demo.compare RUN_A RUN_B` measures by how much "
+        "(measured sizes: `demo/README.md`).",
         f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below, "
         f"which a resumed demo collects over its invocations; the last invocation took {elapsed / 60:.1f} min).",
         "",
@@ -452,6 +453,12 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"![pretraining curves]({curves_png.name})" if has_curves else "(no pretraining metrics found)",
         "",
     ]
+    md += [
+        "Loss and contrastive accuracy are per-epoch means of the logged training values (MoCo v1 uses T 0.07, "
+        "MoCo v2 T 0.2, so their losses are not on one scale); kNN, when the monitor ran (`KNN.EVAL_PERIOD`), is "
+        "its top-1 after each evaluated epoch.",
+        "",
+    ]
     if has_lincls:
         md += [
             "## Linear classifier curves",
@@ -463,10 +470,6 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
             "",
         ]
     md += [
-        "Loss and contrastive accuracy are per-epoch means of the logged training values (MoCo v1 uses T 0.07, "
-        "MoCo v2 T 0.2, so their losses are not on one scale); kNN, when the monitor ran (`KNN.EVAL_PERIOD`), is "
-        "its top-1 after each evaluated epoch.",
-        "",
         "## Detection",
         "",
         f"![AP per row]({ap_png.name})",
