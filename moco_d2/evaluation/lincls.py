@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from moco_d2.core.backbone import ARCHS, BackboneState, build_resnet, load_resnet_state
+from moco_d2.core.backbone import ARCHS, BackboneState, build_resnet, load_backbone, read_backbone
 from moco_d2.core.config import default_argument_parser, load_config
 from moco_d2.core.distributed import (
     DistInfo,
@@ -153,13 +153,7 @@ def load_pretrained(cfg: CfgNode) -> BackboneState | None:
                 "(set MODEL.FREEZE_BACKBONE False to train a supervised model from scratch)"
             )
         return None
-    state = load_resnet_state(cfg.MODEL.WEIGHTS)
-    if state.arch != cfg.MODEL.ARCH:
-        raise UserError(
-            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} holds a {state.arch or 'non-standard ResNet'} "
-            f"backbone but MODEL.ARCH is {cfg.MODEL.ARCH!r}"
-        )
-    return state
+    return read_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH)
 
 
 def build_model(
@@ -174,11 +168,12 @@ def build_model(
         raise UserError(f"MODEL.ARCH: {arch!r} is not a torchvision ResNet ({', '.join(ARCHS)})")
     if state is None:
         state = load_pretrained(cfg)
-    model = build_resnet(arch, num_classes=num_classes)
     pretrained = None
     source = "random initialisation"
-    if state is not None:
-        _load_backbone(model, state.state_dict, cfg.MODEL.WEIGHTS)
+    if state is None:
+        model = build_resnet(arch, num_classes=num_classes)
+    else:
+        model, _ = load_backbone(state, arch, f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}", num_classes=num_classes)
         pretrained = {k: v.clone() for k, v in state.state_dict.items()}
         source = f"{state.source}: {cfg.MODEL.WEIGHTS}"
     # The new classifier, initialised as in the official code.
@@ -188,25 +183,6 @@ def build_model(
         for name, p in model.named_parameters():
             p.requires_grad = name in ("fc.weight", "fc.bias")
     return model, pretrained, source
-
-
-def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:
-    """Load every backbone tensor; any shape or key mismatch is a one-line UserError."""
-    own = model.state_dict()
-    wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        k = wrong[0]
-        raise UserError(
-            f"MODEL.WEIGHTS {path!r}: tensor {k} has shape {tuple(sd[k].shape)}, "
-            f"the model expects {tuple(own[k].shape)} (architecture mismatch)"
-        )
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise UserError(
-            f"MODEL.WEIGHTS {path!r} does not match {model.__class__.__name__}: "
-            f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}"
-        )
 
 
 def sanity_check(model: nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
