@@ -183,6 +183,7 @@ def to_torchvision(
             return validate_torchvision(path, state.state_dict, state.arch)
 
     result = _write_validated(out, ".tmp", lambda f: torch.save(tv_state, f), check)
+    # Same fields as to_detectron2's report, other values: a helper would only rename the dataclass.
     return ConvertReport(
         src=src,
         out=out,

@@ -210,15 +210,7 @@ def checkpoint_state(
     extras: dict = {"iteration": iteration, "epoch_step": epoch_step}
     if scaler is not None:
         extras["scaler"] = scaler.state_dict()
-    return training_checkpoint(
-        epoch=epoch,
-        arch=cfg.MODEL.ARCH,
-        model=moco,
-        optimizer=optimizer,
-        kind=CHECKPOINT_KIND,
-        config=cfg.dump(),
-        **extras,
-    )
+    return training_checkpoint(cfg, moco, optimizer, epoch, CHECKPOINT_KIND, **extras)
 
 
 def find_resume(cfg: CfgNode) -> Path | None:

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 import torch
+from fvcore.common.config import CfgNode
 from torch import nn
 
 from moco_d2.core.errors import UserError
@@ -40,13 +41,11 @@ def seed_epoch(seed: int, rank: int, epoch: int, generator: torch.Generator) -> 
 
 
 def training_checkpoint(
-    *,
-    epoch: int,
-    arch: str,
+    cfg: CfgNode,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
+    epoch: int,
     kind: str,
-    config: str,
     to_cpu: bool = False,
     **extras: object,
 ) -> dict:
@@ -56,11 +55,11 @@ def training_checkpoint(
     the host first (linear classification's files then load anywhere without ``map_location``).
     """
     state_dict = {f"module.{k}": v.detach().cpu() if to_cpu else v for k, v in model.state_dict().items()}
-    state: dict = {"epoch": epoch, "arch": arch, "state_dict": state_dict}
+    state: dict = {"epoch": epoch, "arch": cfg.MODEL.ARCH, "state_dict": state_dict}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     state.update(extras)
-    state["config"] = config
+    state["config"] = cfg.dump()
     state["kind"] = kind
     return state
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from moco_d2.core.backbone import ARCHS, BackboneState, build_resnet, load_backbone, read_backbone
-from moco_d2.core.config import default_argument_parser, load_config
+from moco_d2.core.config import default_argument_parser, load_config, run_defaults
 from moco_d2.core.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -65,6 +65,8 @@ from moco_d2.core.training import (
     set_lr,
     training_checkpoint,
 )
+
+# An import list like knn.py's (the duplicates tool pairs them): names, no logic.
 from moco_d2.evaluation.features import (
     ResNetTrunk,
     eval_batches,
@@ -85,14 +87,7 @@ class SanityCheckError(RuntimeError):
 
 def lincls_defaults() -> CfgNode:
     """The official linear-classification recipe (ResNet-50, 100 epochs, lr 30, global batch 256)."""
-    c = CfgNode()
-    c.OUTPUT_DIR = "output/lincls"
-    c.SEED = 0
-    # "" = start fresh, "auto" = newest valid checkpoint in OUTPUT_DIR, otherwise a checkpoint path.
-    c.RESUME = ""
-
-    c.MODEL = CfgNode()
-    c.MODEL.ARCH = "resnet50"  # any torchvision ResNet constructor name
+    c = run_defaults("output/lincls")
     c.MODEL.WEIGHTS = ""  # pretrained checkpoint; required when FREEZE_BACKBONE is True
     c.MODEL.FREEZE_BACKBONE = True  # False = supervised training of the whole network
     c.MODEL.NUM_CLASSES = 0  # 0 = number of class folders in DATA.ROOT/DATA.TRAIN_SPLIT
@@ -321,17 +316,9 @@ def _checkpoint(
     cfg: CfgNode, model: nn.Module, optimizer, epoch: int, best: dict, kind: str, **extra
 ) -> dict:
     """The official lincls checkpoint (state_dict on the host) plus the weights it was trained on."""
+    weights = cfg.MODEL.WEIGHTS
     return training_checkpoint(
-        epoch=epoch,
-        arch=cfg.MODEL.ARCH,
-        model=model,
-        optimizer=optimizer,
-        kind=kind,
-        config=cfg.dump(),
-        to_cpu=True,
-        best_acc1=best["top1"],
-        **extra,
-        weights=cfg.MODEL.WEIGHTS,
+        cfg, model, optimizer, epoch, kind, to_cpu=True, best_acc1=best["top1"], **extra, weights=weights
     )
 
 

@@ -81,6 +81,7 @@ def mocov2_reference(
     )
 
 
+# Repeats mocov2_reference's frame on purpose: each recipe mirrors its official main_moco.py lines.
 def mocov1_reference(
     size: int = 224,
     scale: Sequence[float] = (0.2, 1.0),
