@@ -133,7 +133,7 @@ def aug_settings(aug_cfg: Any) -> dict[str, Any]:
     std = tuple(float(s) for s in _cfg(aug_cfg, "STD"))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise UserError(f"config keys AUG.MEAN/AUG.STD: expected 3 values each (STD > 0), got {mean} / {std}")
-    blur = tuple(float(s) for s in _cfg(aug_cfg, "BLUR_SIGMA", BLUR_SIGMA))
+    blur = tuple(float(s) for s in _cfg(aug_cfg, "BLUR_SIGMA"))
     if len(blur) != 2 or not (0.0 < blur[0] <= blur[1]):
         raise UserError(
             f"config key AUG.BLUR_SIGMA: expected [min, max] with 0 < min <= max, got {list(blur)}"
