@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
-from convert.mapping import check_resnet_state, to_detectron2_names
-from moco_d2.core.backbone import ARCHS, BackboneState, check_arch, load_resnet_state
+from convert.mapping import to_detectron2_names
+from moco_d2.core.backbone import ARCHS, BackboneState, check_arch, check_resnet_state, load_resnet_state
 from moco_d2.core.errors import UserError
 from moco_d2.core.io import atomic_write
 
@@ -183,6 +183,7 @@ def to_torchvision(
             return validate_torchvision(path, state.state_dict, state.arch)
 
     result = _write_validated(out, ".tmp", lambda f: torch.save(tv_state, f), check)
+    # Same fields as to_detectron2's report, other values: a helper would only rename the dataclass.
     return ConvertReport(
         src=src,
         out=out,

@@ -1,4 +1,4 @@
-"""Torchvision ResNet names -> Detectron2 ResNet names, and the check that a state dict is a whole ResNet.
+"""Torchvision ResNet names -> Detectron2 ResNet names (names only; the shape check lives in core.backbone).
 
 Detectron2 names the same tensors differently:
 
@@ -18,9 +18,6 @@ from __future__ import annotations
 import re
 
 import torch
-
-from moco_d2.core.backbone import reference_shapes
-from moco_d2.core.errors import UserError
 
 _STEM = re.compile(r"^(conv1|bn1)\.(\w+)$")
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.(\w+)$")
@@ -51,32 +48,6 @@ def torchvision_to_detectron2_key(name: str) -> str | None:
 def detectron2_model_key(d2_key: str) -> str:
     """Where a converted key must end up in Detectron2's C4 model: res5 is the ROI head's, the rest the backbone's."""
     return f"roi_heads.{d2_key}" if d2_key.startswith("res5.") else f"backbone.{d2_key}"
-
-
-def check_resnet_state(state_dict: dict[str, torch.Tensor], arch: str, where: str) -> None:
-    """Raise UserError unless ``state_dict`` holds every backbone tensor of torchvision's ``arch``, shaped right.
-
-    ``num_batches_tracked`` may be absent (some exporters drop it); anything else missing, extra or
-    misshapen means the checkpoint is not the ResNet the user asked for.
-    """
-    expected = reference_shapes(arch)
-    required = {k for k in expected if not k.endswith("num_batches_tracked")}
-    missing = sorted(required - state_dict.keys())
-    extra = sorted(state_dict.keys() - expected.keys())
-    wrong = sorted(k for k in required & state_dict.keys() if state_dict[k].shape != expected[k])
-    if missing or extra or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
-        if extra:
-            details.append(f"{len(extra)} unexpected (e.g. {extra[0]!r})")
-        if wrong:
-            k = wrong[0]
-            details.append(
-                f"{len(wrong)} with the wrong shape (e.g. {k!r}: {tuple(state_dict[k].shape)}, "
-                f"expected {tuple(expected[k])})"
-            )
-        raise UserError(f"{where}: backbone weights are not a torchvision {arch}: {'; '.join(details)}")
 
 
 def to_detectron2_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -240,7 +240,11 @@ def validate_detectron2(
 def validate_torchvision(
     path: str | os.PathLike, source: dict[str, torch.Tensor], arch: str
 ) -> ValidationResult:
-    """Load ``path`` as a user would (weights only, ``strict=False``): only ``fc`` may be missing."""
+    """Load ``path`` as a user would (weights only, ``strict=False``): only ``fc`` may be missing.
+
+    Not ``core.backbone.load_backbone``: this collects every problem of a file just written into a report
+    (and counts the matched tensors) instead of stopping at the first mismatch.
+    """
     result = ValidationResult(target=f"torchvision {arch}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = build_resnet(arch)

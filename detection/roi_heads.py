@@ -32,31 +32,25 @@ def build_res5(cfg: CfgNode) -> tuple[nn.Sequential, int]:
         raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not one of {sorted(RES5_BLOCKS)}")
     assert not r.DEFORM_ON_PER_STAGE[-1], "Deformable conv is not supported in the res5 head."
     stage_channel_factor = 2**3  # res5 has 8x the channels of res2
-    if depth in (18, 34):
-        # Basic blocks: res4 has 256 channels, res5 512 (with RES2_OUT_CHANNELS=64).
-        out_channels = r.RES2_OUT_CHANNELS * stage_channel_factor
-        blocks = ResNet.make_stage(
-            BasicBlock,
-            RES5_BLOCKS[depth],
-            stride_per_block=[2] + [1] * (RES5_BLOCKS[depth] - 1),
-            in_channels=out_channels // 2,
-            out_channels=out_channels,
-            norm=r.NORM,
-        )
-    else:
-        # Bottleneck blocks: res4 has 1024 channels, res5 2048 (with RES2_OUT_CHANNELS=256).
-        out_channels = r.RES2_OUT_CHANNELS * stage_channel_factor
-        blocks = ResNet.make_stage(
-            BottleneckBlock,
-            RES5_BLOCKS[depth],
-            stride_per_block=[2] + [1] * (RES5_BLOCKS[depth] - 1),
-            in_channels=out_channels // 2,
-            bottleneck_channels=r.NUM_GROUPS * r.WIDTH_PER_GROUP * stage_channel_factor,
-            out_channels=out_channels,
-            num_groups=r.NUM_GROUPS,
-            norm=r.NORM,
-            stride_in_1x1=r.STRIDE_IN_1X1,
-        )
+    # res5 has 512 channels with Basic blocks (RES2_OUT_CHANNELS=64), 2048 with Bottleneck ones (256).
+    out_channels = r.RES2_OUT_CHANNELS * stage_channel_factor
+    block, block_args = BasicBlock, {}
+    if depth not in (18, 34):
+        block = BottleneckBlock
+        block_args = {
+            "bottleneck_channels": r.NUM_GROUPS * r.WIDTH_PER_GROUP * stage_channel_factor,
+            "num_groups": r.NUM_GROUPS,
+            "stride_in_1x1": r.STRIDE_IN_1X1,
+        }
+    blocks = ResNet.make_stage(
+        block,
+        RES5_BLOCKS[depth],
+        stride_per_block=[2] + [1] * (RES5_BLOCKS[depth] - 1),
+        in_channels=out_channels // 2,
+        out_channels=out_channels,
+        norm=r.NORM,
+        **block_args,
+    )
     res5 = nn.Sequential(*blocks)
     # Named "norm" so the parameters are `roi_heads.res5.norm.*` (trained from scratch).
     res5.add_module("norm", get_norm(r.NORM, out_channels))

@@ -8,14 +8,15 @@ mid-epoch included (bit-identical on the CPU).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +31,15 @@ from moco_d2.core.config import default_argument_parser, load_config, pretrain_d
 from moco_d2.core.distributed import DistInfo
 from moco_d2.core.errors import UserError, exit_on_user_error
 from moco_d2.core.images import SafeImageFolder, build_eval_transform, mix_seed
-from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, save_atomic
+from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, save_atomic
 from moco_d2.core.metrics import MetricWriter, progress, setup_logging
+from moco_d2.core.training import (
+    load_resume_checkpoint,
+    load_state_checked,
+    restore_optimizer,
+    set_lr,
+    training_checkpoint,
+)
 from pretrain.augment import build_pretrain_transform
 from pretrain.augment.device import build_device_stage, normalize_on_device
 from pretrain.data import BadImageTracker, EpochBatchSampler, PretrainDataset
@@ -199,19 +207,10 @@ def checkpoint_state(
     iteration: int,
 ) -> dict:
     """The official checkpoint dict (epoch, arch, state_dict with ``module.``, optimizer) plus our extras."""
-    state = {
-        "epoch": epoch,
-        "arch": cfg.MODEL.ARCH,
-        "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "iteration": iteration,
-        "epoch_step": epoch_step,
-        "config": cfg.dump(),
-        "kind": CHECKPOINT_KIND,
-    }
+    extras: dict = {"iteration": iteration, "epoch_step": epoch_step}
     if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    return state
+        extras["scaler"] = scaler.state_dict()
+    return training_checkpoint(cfg, moco, optimizer, epoch, CHECKPOINT_KIND, **extras)
 
 
 def find_resume(cfg: CfgNode) -> Path | None:
@@ -234,36 +233,11 @@ def load_training_state(
 
     Accepts our checkpoints and the official MoCo ones (which lack the iteration extras).
     """
-    ckpt = load_checkpoint(path)
     name = str(path)
-    if "state_dict" not in ckpt or "epoch" not in ckpt:
-        raise UserError(f"RESUME {name!r} is not a MoCo training checkpoint (needs 'epoch' and 'state_dict')")
-    if ckpt.get("kind", CHECKPOINT_KIND) != CHECKPOINT_KIND:
-        raise UserError(f"RESUME {name!r} is a {ckpt['kind']!r} checkpoint, not a MoCo pretraining one")
-    if ckpt.get("arch", cfg.MODEL.ARCH) != cfg.MODEL.ARCH:
-        raise UserError(f"RESUME {name!r} is a {ckpt['arch']} checkpoint but MODEL.ARCH is {cfg.MODEL.ARCH}")
+    ckpt = load_resume_checkpoint(path, CHECKPOINT_KIND, cfg.MODEL.ARCH, "MoCo pretraining", official=True)
     sd = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    ours = moco.state_dict()
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        raise UserError(
-            f"RESUME {name!r} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            f" ({len(missing)} missing, {len(unexpected)} unexpected; check MODEL.MLP / MODEL.ARCH)"
-        )
-    for k, v in sd.items():
-        if v.shape != ours[k].shape:
-            raise UserError(
-                f"RESUME {name!r}: {k} has shape {tuple(v.shape)}, the model has {tuple(ours[k].shape)} "
-                "(check MODEL.DIM / MODEL.K / MODEL.ARCH)"
-            )
-    moco.load_state_dict(sd)
-    if "optimizer" in ckpt:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"RESUME {name!r}: optimizer state does not match the model ({exc})") from None
-    else:
-        logger.warning("RESUME %s has no optimizer state; SGD momentum restarts from zero", name)
+    load_state_checked(moco, sd, f"RESUME {name!r}", hint="MODEL.ARCH / MODEL.MLP / MODEL.DIM / MODEL.K")
+    restore_optimizer(optimizer, ckpt, name)
     if scaler is not None and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
     epoch, epoch_step = int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0))
@@ -370,37 +344,72 @@ def wrap_ddp(moco: MoCo, device: torch.device) -> DistributedDataParallel:
     Buffers are not broadcast each step: the queue is identical on every rank by construction, and a
     rank's BN running statistics only matter through rank 0's checkpoint (as with the default).
     """
-    ids = [device.index] if device.type == "cuda" else None
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.14
-        return DistributedDataParallel(moco, device_ids=ids, forward_sync_buffers=False)
-    return DistributedDataParallel(moco, device_ids=ids, broadcast_buffers=False)
+    return dist_utils.wrap_ddp(moco, device, sync_buffers=False)
 
 
-# Long (154 lines) pending the shared epoch-loop refactor (issue 15, point d): the step, checkpoint and
-# stop protocol are one sequence whose order the float64 and resume-exactness tests pin.
 def _cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend would call, if installed."""
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
-def train(cfg: CfgNode, info: DistInfo) -> dict:
-    """Run (or continue) the whole schedule; returns a summary (iteration, epoch, last loss, stopped)."""
-    device, world, main = info.device, info.world_size, info.is_main
-    check_config(cfg, world)
-    out = Path(cfg.OUTPUT_DIR)
-    resume = find_resume(cfg)  # before anything is written to OUTPUT_DIR
-    manager = CheckpointManager(out, keep_last=cfg.CHECKPOINT.KEEP_LAST)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        manager.remove_stale_temp_files()  # left by a killed save; this process is OUTPUT_DIR's only writer
-        text = cfg.dump()  # replaces a symlink planted at config.yaml, never writes through it
-        atomic_write(out / "config.yaml", lambda f: f.write(text.encode()), what="config")
-    images, sampler, loader = build_train_data(cfg, info)
-    bad_tracker = BadImageTracker(len(images), cfg.DATA.MAX_BAD_FRACTION, images.root)
-    steps_per_epoch = sampler.steps_per_epoch
+@dataclass
+class Run:
+    """What one pretraining run carries from step to step, so the loop's pieces stay short functions."""
 
+    cfg: CfgNode
+    info: DistInfo
+    moco: MoCo
+    model: nn.Module  # ``moco``, DDP-wrapped on many processes
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    device_stage: Callable | None  # the augmentation's device half (AUG.IMPL "gpu"), if any
+    sampler: EpochBatchSampler
+    loader: DataLoader
+    bad_tracker: BadImageTracker
+    manager: CheckpointManager
+    writer: MetricWriter
+    knn: KnnMonitor | None
+    epoch: int = 0
+    epoch_step: int = 0
+    iteration: int = 0
+    last_stats: torch.Tensor = field(default_factory=lambda: torch.full((3,), float("nan")))
+
+    def save(self, name: str, ep: int, ep_step: int) -> None:
+        if self.info.is_main:
+            state = checkpoint_state(
+                self.cfg, self.moco, self.optimizer, self.scaler, ep, ep_step, self.iteration
+            )
+            logger.info("saved %s", self.manager.save(state, name))
+
+    def save_where_stopped(self) -> None:
+        """A mid-epoch checkpoint, or the epoch-end one after an epoch's last step; moves the position."""
+        ep, step = self.epoch, self.epoch_step
+        if step < self.sampler.steps_per_epoch:
+            self.save(CheckpointManager.name_for(ep, step, self.iteration), ep, step)
+            return
+        self.epoch, self.epoch_step = ep + 1, 0
+        self.save(CheckpointManager.name_for(ep + 1), ep + 1, 0)
+
+    def summary(self, stopped: bool, signum: int | None = None) -> dict:
+        return summary(self.iteration, self.epoch, self.last_stats, stopped, signum)
+
+
+def _start_output(cfg: CfgNode, manager: CheckpointManager) -> None:
+    """Main process only: create OUTPUT_DIR, clear a killed save's temp files, write config.yaml."""
+    out = Path(cfg.OUTPUT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    manager.remove_stale_temp_files()  # left by a killed save; this process is OUTPUT_DIR's only writer
+    text = cfg.dump()  # replaces a symlink planted at config.yaml, never writes through it
+    atomic_write(out / "config.yaml", lambda f: f.write(text.encode()), what="config")
+
+
+def _build_moco(cfg: CfgNode, info: DistInfo) -> tuple[MoCo, torch.memory_format]:
+    """The model, identical on every rank (seeded), on the device, in its memory format, maybe compiled."""
+    device = info.device
     torch.manual_seed(cfg.SEED)  # identical initial weights and queue on every rank
-    moco = build_model(cfg, world).to(device)
+    moco = build_model(cfg, info.world_size).to(device)
     channels_last = cfg.TRAIN.CHANNELS_LAST and device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     moco = moco.to(memory_format=memory_format)
@@ -410,140 +419,155 @@ def train(cfg: CfgNode, info: DistInfo) -> dict:
         moco.compile_encoders(mode=cfg.TRAIN.COMPILE_MODE)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    return moco, memory_format
+
+
+def setup(cfg: CfgNode, info: DistInfo) -> Run:
+    """Data, model, optimizer and the resumed position: everything before the first step."""
+    device, world = info.device, info.world_size
+    resume = find_resume(cfg)  # before anything is written to OUTPUT_DIR
+    manager = CheckpointManager(cfg.OUTPUT_DIR, keep_last=cfg.CHECKPOINT.KEEP_LAST)
+    if info.is_main:
+        _start_output(cfg, manager)
+    images, sampler, loader = build_train_data(cfg, info)
+    bad_tracker = BadImageTracker(len(images), cfg.DATA.MAX_BAD_FRACTION, images.root)
+    moco, memory_format = _build_moco(cfg, info)
     optimizer = build_optimizer(cfg, moco, device)
     amp_dtype = amp_dtype_for(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    device_stage = build_device_stage(cfg.AUG, device)  # the augmentation's device half, if any
-
+    device_stage = build_device_stage(cfg.AUG, device)
     epoch, epoch_step, iteration = 0, 0, 0
     if resume is not None:
         epoch, epoch_step, iteration = load_training_state(
-            resume, cfg, moco, optimizer, scaler, steps_per_epoch
+            resume, cfg, moco, optimizer, scaler, sampler.steps_per_epoch
         )
     model = wrap_ddp(moco, device) if world > 1 else moco
-    knn = (
-        KnnMonitor(cfg, device)
-        if cfg.KNN.EVAL_PERIOD > 0 and cfg.KNN.TRAIN_ROOT and cfg.KNN.VAL_ROOT
-        else None
-    )
-
+    knn_on = cfg.KNN.EVAL_PERIOD > 0 and cfg.KNN.TRAIN_ROOT and cfg.KNN.VAL_ROOT
+    knn = KnnMonitor(cfg, device) if knn_on else None
     # Continuing (RESUME auto / a path) re-runs the iterations after the checkpoint: drop their old records.
     writer = MetricWriter(
-        out, enabled=main, tensorboard=cfg.LOG.TENSORBOARD, resume_step=iteration if cfg.RESUME else None
+        cfg.OUTPUT_DIR,
+        enabled=info.is_main,
+        tensorboard=cfg.LOG.TENSORBOARD,
+        resume_step=iteration if cfg.RESUME else None,
     )
     logger.info(
         "MoCo %s: %d process(es), global batch %d, %d BN group(s) per process, %d steps/epoch, "
         "epochs %d, K %d, T %g, device %s, amp %s",
-        cfg.MODEL.ARCH,
-        world,
-        cfg.SOLVER.BATCH_SIZE,
-        bn_splits_for(cfg, world),
-        steps_per_epoch,
-        cfg.SOLVER.EPOCHS,
-        cfg.MODEL.K,
-        cfg.MODEL.T,
-        device,
-        amp_dtype,
-    )
+        cfg.MODEL.ARCH, world, cfg.SOLVER.BATCH_SIZE, bn_splits_for(cfg, world), sampler.steps_per_epoch,
+        cfg.SOLVER.EPOCHS, cfg.MODEL.K, cfg.MODEL.T, device, amp_dtype,
+    )  # fmt: skip
+    return Run(
+        cfg, info, moco, model, optimizer, scaler, amp_dtype, memory_format, device_stage, sampler, loader,
+        bad_tracker, manager, writer, knn, epoch, epoch_step, iteration,
+    )  # fmt: skip
 
-    def save(name: str, ep: int, ep_step: int) -> None:
-        if main:
-            path = manager.save(checkpoint_state(cfg, moco, optimizer, scaler, ep, ep_step, iteration), name)
-            logger.info("saved %s", path)
 
-    def save_where_stopped(ep: int, ep_step: int) -> tuple[int, int]:
-        """A mid-epoch checkpoint, or the epoch-end one after an epoch's last step; the new position."""
-        if ep_step < steps_per_epoch:
-            save(CheckpointManager.name_for(ep, ep_step, iteration), ep, ep_step)
-            return ep, ep_step
-        save(CheckpointManager.name_for(ep + 1), ep + 1, 0)
-        return ep + 1, 0
+def _step(run: Run, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
+    """One seeded training step on a batch already on the device; advances the position."""
+    cfg = run.cfg
+    if run.device_stage is not None:  # e.g. colour/blur/normalise, seeded by (seed, step, rank)
+        g = torch.Generator().manual_seed(mix_seed(cfg.SEED, GPU_AUG_STREAM, run.iteration, run.info.rank))
+        im_q, im_k = run.device_stage(im_q, g), run.device_stage(im_k, g)
+    generator = torch.Generator().manual_seed(mix_seed(cfg.SEED, SHUFFLE_STREAM, run.iteration))
+    try:
+        stats = train_step(run.model, run.optimizer, im_q, im_k, generator, run.scaler, run.amp_dtype)
+    except NonFiniteLossError as exc:
+        raise NonFiniteLossError(
+            f"{exc} at iteration {run.iteration} (epoch {run.epoch}, step {run.epoch_step}); stopping. "
+            f"Checkpoints in {str(Path(cfg.OUTPUT_DIR))!r} are intact: lower SOLVER.BASE_LR or check the "
+            "data, then RESUME auto"
+        ) from None
+    run.last_stats = stats.cpu()
+    run.iteration += 1
+    run.epoch_step += 1
 
-    last_stats = torch.full((3,), float("nan"))
-    max_iters = int(cfg.TRAIN.MAX_ITERS)
-    period_iters = int(cfg.CHECKPOINT.PERIOD_ITERS)
-    with dist_utils.StopSignals() as stop:
-        model.train()
-        while epoch < cfg.SOLVER.EPOCHS:
-            lr = learning_rate(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sampler.set_epoch(epoch, epoch_step)
-            bar = progress(
-                loader, total=len(sampler), desc=f"epoch {epoch}", enabled=main, period=cfg.LOG.PERIOD
+
+def _log_period(run: Run, meter: PeriodMeter, lr: float, bar) -> None:
+    """Write the logging period's averages (train/ scalars) and restart the meter."""
+    scalars = meter.summary(run.cfg.SOLVER.BATCH_SIZE)
+    scalars.update(lr=lr, epoch=run.epoch + run.epoch_step / run.sampler.steps_per_epoch)
+    run.writer.write(run.iteration, scalars, prefix="train")
+    bar.set_postfix_str(f"loss {scalars['loss']:.4f} acc1 {scalars['acc1']:.1f} lr {lr:.4g}")
+    meter.reset()
+
+
+def train_one_epoch(run: Run, stop: dist_utils.StopSignals) -> dict | None:
+    """The epoch's remaining steps; the run's summary if it stops inside the epoch (signal, MAX_ITERS)."""
+    cfg, device, steps_per_epoch = run.cfg, run.info.device, run.sampler.steps_per_epoch
+    lr = learning_rate(cfg, run.epoch)
+    set_lr(run.optimizer, lr)
+    run.sampler.set_epoch(run.epoch, run.epoch_step)
+    main, desc = run.info.is_main, f"epoch {run.epoch}"
+    bar = progress(run.loader, total=len(run.sampler), desc=desc, enabled=main, period=cfg.LOG.PERIOD)
+    meter, period_iters, max_iters = PeriodMeter(), int(cfg.CHECKPOINT.PERIOD_ITERS), int(cfg.TRAIN.MAX_ITERS)
+    tick = time.perf_counter()
+    for im_q, im_k, skipped in bar:
+        run.bad_tracker.update(skipped)
+        im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
+        im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
+        data_time = time.perf_counter() - tick
+        _step(run, im_q, im_k)
+        now = time.perf_counter()
+        meter.update(run.last_stats, data_time, now - tick)
+        tick = now
+        boundary = run.iteration % cfg.LOG.PERIOD == 0 or run.epoch_step == steps_per_epoch
+        if boundary:
+            _log_period(run, meter, lr, bar)
+        if period_iters and run.iteration % period_iters == 0 and run.epoch_step < steps_per_epoch:
+            run.save(
+                CheckpointManager.name_for(run.epoch, run.epoch_step, run.iteration),
+                run.epoch,
+                run.epoch_step,
             )
-            meter = PeriodMeter()
-            tick = time.perf_counter()
-            for im_q, im_k, skipped in bar:
-                bad_tracker.update(skipped)
-                im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                data_time = time.perf_counter() - tick
-                if device_stage is not None:  # e.g. colour/blur/normalise, seeded by (seed, step, rank)
-                    g = torch.Generator().manual_seed(
-                        mix_seed(cfg.SEED, GPU_AUG_STREAM, iteration, info.rank)
-                    )
-                    im_q, im_k = device_stage(im_q, g), device_stage(im_k, g)
-                generator = torch.Generator().manual_seed(mix_seed(cfg.SEED, SHUFFLE_STREAM, iteration))
-                try:
-                    stats = train_step(model, optimizer, im_q, im_k, generator, scaler, amp_dtype)
-                except NonFiniteLossError as exc:
-                    raise NonFiniteLossError(
-                        f"{exc} at iteration {iteration} (epoch {epoch}, step {epoch_step}); stopping. "
-                        f"Checkpoints in {str(out)!r} are intact: lower SOLVER.BASE_LR or check the data, "
-                        "then RESUME auto"
-                    ) from None
-                last_stats = stats.cpu()
-                iteration += 1
-                epoch_step += 1
-                now = time.perf_counter()
-                meter.update(last_stats, data_time, now - tick)
-                tick = now
-                boundary = iteration % cfg.LOG.PERIOD == 0 or epoch_step == steps_per_epoch
-                if boundary:
-                    scalars = meter.summary(cfg.SOLVER.BATCH_SIZE)
-                    scalars.update(lr=lr, epoch=epoch + epoch_step / steps_per_epoch)
-                    writer.write(iteration, scalars, prefix="train")
-                    bar.set_postfix_str(f"loss {scalars['loss']:.4f} acc1 {scalars['acc1']:.1f} lr {lr:.4g}")
-                    meter.reset()
-                if period_iters and iteration % period_iters == 0 and epoch_step < steps_per_epoch:
-                    save(CheckpointManager.name_for(epoch, epoch_step, iteration), epoch, epoch_step)
-                # Preemption / torchrun shutdown: every rank stops here, after a checkpoint.
-                if boundary and stop.agreed(device):
-                    bar.close()
-                    epoch, epoch_step = save_where_stopped(epoch, epoch_step)
-                    logger.warning(
-                        "stopped by %s after iteration %d (epoch %d); checkpoint saved: continue with RESUME auto",
-                        stop.name,
-                        iteration,
-                        epoch,
-                    )
-                    writer.close()
-                    received = stop.received or int(signal.SIGTERM)  # another rank's signal: stop alike
-                    return summary(iteration, epoch, last_stats, stopped=True, signum=received)
-                if max_iters and iteration >= max_iters:
-                    logger.info(
-                        "TRAIN.MAX_ITERS=%d reached: stopping without a checkpoint (simulated kill)",
-                        max_iters,
-                    )
-                    bar.close()
-                    writer.close()
-                    return summary(iteration, epoch, last_stats, stopped=True)
+        if boundary and stop.agreed(device):  # preemption / torchrun shutdown: every rank stops here
             bar.close()
-            epoch, epoch_step = epoch + 1, 0
-            save(CheckpointManager.name_for(epoch), epoch, 0)
-            if knn is not None and epoch % cfg.KNN.EVAL_PERIOD == 0:
-                result = knn(moco)
-                logger.info("epoch %d: kNN top-1 %.2f top-5 %.2f", epoch, result["top1"], result["top5"])
-                writer.write(iteration, {"top1": result["top1"], "top5": result["top5"]}, prefix="knn")
-            writer.flush()
-        if main:
-            save_atomic(
-                checkpoint_state(cfg, moco, optimizer, scaler, epoch, 0, iteration), out / "model_final.pth"
+            run.save_where_stopped()
+            logger.warning(
+                "stopped by %s after iteration %d (epoch %d); checkpoint saved: continue with RESUME auto",
+                stop.name, run.iteration, run.epoch,
+            )  # fmt: skip
+            run.writer.close()
+            received = stop.received or int(signal.SIGTERM)  # another rank's signal: stop alike
+            return run.summary(stopped=True, signum=received)
+        if max_iters and run.iteration >= max_iters:
+            logger.info(
+                "TRAIN.MAX_ITERS=%d reached: stopping without a checkpoint (simulated kill)", max_iters
             )
-            logger.info("done: %s", out / "model_final.pth")
-        writer.close()
-        return summary(iteration, epoch, last_stats, stopped=False)
+            bar.close()
+            run.writer.close()
+            return run.summary(stopped=True)
+    bar.close()
+    return None
+
+
+def train(cfg: CfgNode, info: DistInfo) -> dict:
+    """Run (or continue) the whole schedule; returns a summary (iteration, epoch, last loss, stopped)."""
+    check_config(cfg, info.world_size)
+    run = setup(cfg, info)
+    with dist_utils.StopSignals() as stop:
+        run.model.train()
+        while run.epoch < cfg.SOLVER.EPOCHS:
+            stopped = train_one_epoch(run, stop)
+            if stopped is not None:
+                return stopped
+            run.epoch, run.epoch_step = run.epoch + 1, 0
+            run.save(CheckpointManager.name_for(run.epoch), run.epoch, 0)
+            if run.knn is not None and run.epoch % cfg.KNN.EVAL_PERIOD == 0:
+                result = run.knn(run.moco)
+                logger.info("epoch %d: kNN top-1 %.2f top-5 %.2f", run.epoch, result["top1"], result["top5"])
+                run.writer.write(
+                    run.iteration, {"top1": result["top1"], "top5": result["top5"]}, prefix="knn"
+                )
+            run.writer.flush()
+        if info.is_main:
+            final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
+            save_atomic(
+                checkpoint_state(cfg, run.moco, run.optimizer, run.scaler, run.epoch, 0, run.iteration), final
+            )
+            logger.info("done: %s", final)
+        run.writer.close()
+        return run.summary(stopped=False)
 
 
 def summary(

@@ -23,6 +23,7 @@ from torch import nn
 
 from moco_d2.core.errors import UserError
 from moco_d2.core.io import load_checkpoint
+from moco_d2.core.training import load_state_checked
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 IMAGENET_STEM_STRIDE = 4  # torchvision's stem: 7x7 stride-2 conv, then a 3x3 stride-2 max-pool
@@ -191,6 +192,32 @@ def reference_shapes(arch: str) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
+def check_resnet_state(state_dict: dict[str, torch.Tensor], arch: str, where: str) -> None:
+    """Raise UserError unless ``state_dict`` holds every backbone tensor of torchvision's ``arch``, shaped right.
+
+    ``num_batches_tracked`` may be absent (some exporters drop it); anything else missing, extra or
+    misshapen means the checkpoint is not the ResNet the user asked for.
+    """
+    expected = reference_shapes(arch)
+    required = {k for k in expected if not k.endswith("num_batches_tracked")}
+    missing = sorted(required - state_dict.keys())
+    extra = sorted(state_dict.keys() - expected.keys())
+    wrong = sorted(k for k in required & state_dict.keys() if state_dict[k].shape != expected[k])
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+        if extra:
+            details.append(f"{len(extra)} unexpected (e.g. {extra[0]!r})")
+        if wrong:
+            k = wrong[0]
+            details.append(
+                f"{len(wrong)} with the wrong shape (e.g. {k!r}: {tuple(state_dict[k].shape)}, "
+                f"expected {tuple(expected[k])})"
+            )
+        raise UserError(f"{where}: backbone weights are not a torchvision {arch}: {'; '.join(details)}")
+
+
 SOURCE_MOCO_OURS = "MoCo pretraining checkpoint (this project)"
 SOURCE_MOCO_OFFICIAL = "MoCo pretraining checkpoint (official format)"
 SOURCE_LINCLS_OURS = "classification checkpoint (this project)"
@@ -290,6 +317,37 @@ def infer_resnet_arch(sd: dict[str, torch.Tensor], hint: str | None = None) -> s
     if hint in candidates:
         return hint
     return candidates[0] if len(candidates) == 1 else None
+
+
+def read_backbone(path: str | os.PathLike, arch: str = "", key: str = "MODEL.WEIGHTS") -> BackboneState:
+    """:func:`load_resnet_state`, refused in one line unless it is a table ResNet (``arch``, when given)."""
+    state = load_resnet_state(path)
+    if state.arch is None:
+        raise UserError(f"{key} {str(path)!r} holds a non-standard ResNet; no architecture of the table fits")
+    if arch and state.arch != arch:
+        raise UserError(f"{key} {str(path)!r} holds a {state.arch} backbone but MODEL.ARCH is {arch!r}")
+    return state
+
+
+def load_backbone(
+    weights: str | os.PathLike | BackboneState, arch: str = "", name: str = "MODEL.WEIGHTS", **build_kwargs
+) -> tuple[torchvision.models.ResNet, BackboneState]:
+    """THE way to get a checkpoint into a ResNet: :func:`build_resnet` (``build_kwargs``, e.g. ``num_classes``)
+    holding the backbone of ``weights`` (a path, or what :func:`read_backbone` returned); ``fc`` stays new.
+
+    Every mismatch is a one-line UserError starting with ``name``; returns (model, the backbone read).
+    """
+    if not isinstance(weights, BackboneState):
+        state, name = read_backbone(weights, arch, name), f"{name} {str(weights)!r}"
+    elif arch and weights.arch != arch:
+        raise UserError(
+            f"{name} holds a {weights.arch or 'non-standard ResNet'} backbone but MODEL.ARCH is {arch!r}"
+        )
+    else:
+        state = weights
+    model = build_resnet(state.arch, **build_kwargs)
+    load_state_checked(model, state.state_dict, name, hint="MODEL.ARCH", may_miss=("fc.",))
+    return model, state
 
 
 def check_arch(state: BackboneState, expected: str, name: str = "checkpoint") -> None:

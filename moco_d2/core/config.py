@@ -16,16 +16,21 @@ from moco_d2.core.errors import UserError
 from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD
 
 
-def pretrain_defaults() -> CfgNode:
-    """The MoCo v2 (200 epochs, 8 GPUs, global batch 256) defaults tree."""
+def run_defaults(output_dir: str) -> CfgNode:
+    """The keys every training loop (pretraining, linear classification) starts from, in one place."""
     c = CfgNode()
-    c.OUTPUT_DIR = "output/pretrain"
+    c.OUTPUT_DIR = output_dir
     c.SEED = 0
     # "" = start fresh, "auto" = newest valid checkpoint in OUTPUT_DIR, otherwise a checkpoint path.
     c.RESUME = ""
-
     c.MODEL = CfgNode()
     c.MODEL.ARCH = "resnet50"  # any torchvision ResNet constructor name
+    return c
+
+
+def pretrain_defaults() -> CfgNode:
+    """The MoCo v2 (200 epochs, 8 GPUs, global batch 256) defaults tree."""
+    c = run_defaults("output/pretrain")
     c.MODEL.DIM = 128  # feature dimension of the contrastive embedding
     c.MODEL.K = 65536  # queue size (number of negatives)
     c.MODEL.M = 0.999  # key-encoder momentum

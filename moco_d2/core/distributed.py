@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import multiprocessing
 import os
 import signal
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from moco_d2.core.errors import UserError
 
@@ -119,6 +122,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out)
     return out
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, sync_buffers: bool = True) -> DistributedDataParallel:
+    """DDP averaging ``model``'s gradients over processes; ``sync_buffers=False`` skips the per-step
+    broadcast of rank 0's buffers (its keyword is ``forward_sync_buffers`` from torch 2.14 on)."""
+    ids = [device.index] if device.type == "cuda" else None
+    if sync_buffers:
+        return DistributedDataParallel(model, device_ids=ids)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def cleanup() -> None:

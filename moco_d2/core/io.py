@@ -123,6 +123,11 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
 
+def publish_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Atomically make ``dst`` (e.g. ``model_best.pth``) a byte copy of the checkpoint ``src``."""
+    return atomic_write(dst, lambda f: f.write(Path(src).read_bytes()), what="checkpoint")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; every way a file can be wrong is a UserError.
 

@@ -18,7 +18,7 @@ from fvcore.common.config import CfgNode
 from torch import nn
 from torch.utils.data import DataLoader
 
-from moco_d2.core.backbone import build_resnet, load_resnet_state
+from moco_d2.core.backbone import load_backbone
 from moco_d2.core.config import default_argument_parser, load_config
 from moco_d2.core.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process
 from moco_d2.core.errors import UserError, exit_on_user_error
@@ -189,21 +189,8 @@ def load_backbone_for_knn(weights: str, arch: str = "") -> tuple[nn.Module, str,
     """A torchvision ResNet with fc=Identity holding ``weights``' encoder; returns (model, arch, source)."""
     if not weights:
         raise UserError("MODEL.WEIGHTS is empty: give the checkpoint to evaluate")
-    state = load_resnet_state(weights)
-    if state.arch is None:
-        raise UserError(
-            f"MODEL.WEIGHTS {weights!r} holds a non-standard ResNet; no torchvision constructor fits"
-        )
-    if arch and arch != state.arch:
-        raise UserError(f"MODEL.WEIGHTS {weights!r} holds a {state.arch} backbone but MODEL.ARCH is {arch!r}")
-    model = build_resnet(state.arch)
+    model, state = load_backbone(weights, arch)
     model.fc = nn.Identity()
-    missing, unexpected = model.load_state_dict(state.state_dict, strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"MODEL.WEIGHTS {weights!r} does not fit a {state.arch}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
     return model, state.arch, state.source
 
 

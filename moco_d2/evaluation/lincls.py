@@ -15,22 +15,20 @@ randomly initialised network on the labels; its checkpoint has kind "supervised"
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
-import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from fvcore.common.config import CfgNode
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from moco_d2.core.backbone import ARCHS, BackboneState, build_resnet, load_resnet_state
-from moco_d2.core.config import default_argument_parser, load_config
+from moco_d2.core.backbone import ARCHS, BackboneState, build_resnet, load_backbone, read_backbone
+from moco_d2.core.config import default_argument_parser, load_config, run_defaults
 from moco_d2.core.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -39,6 +37,7 @@ from moco_d2.core.distributed import (
     cleanup,
     init_distributed,
     is_main_process,
+    wrap_ddp,
 )
 from moco_d2.core.errors import UserError, exit_on_user_error
 from moco_d2.core.images import (
@@ -49,8 +48,25 @@ from moco_d2.core.images import (
     labelled_split_pair,
     mix_seed,
 )
-from moco_d2.core.io import CheckpointManager, atomic_write, choose_resume, load_checkpoint, write_json_atomic
+from moco_d2.core.io import (
+    CheckpointManager,
+    atomic_write,
+    choose_resume,
+    publish_copy,
+    save_atomic,
+    write_json_atomic,
+)
 from moco_d2.core.metrics import AverageMeter, MetricWriter, progress, setup_logging
+from moco_d2.core.training import (
+    load_resume_checkpoint,
+    load_state_checked,
+    restore_optimizer,
+    seed_epoch,
+    set_lr,
+    training_checkpoint,
+)
+
+# An import list like knn.py's (the duplicates tool pairs them): names, no logic.
 from moco_d2.evaluation.features import (
     ResNetTrunk,
     eval_batches,
@@ -71,14 +87,7 @@ class SanityCheckError(RuntimeError):
 
 def lincls_defaults() -> CfgNode:
     """The official linear-classification recipe (ResNet-50, 100 epochs, lr 30, global batch 256)."""
-    c = CfgNode()
-    c.OUTPUT_DIR = "output/lincls"
-    c.SEED = 0
-    # "" = start fresh, "auto" = newest valid checkpoint in OUTPUT_DIR, otherwise a checkpoint path.
-    c.RESUME = ""
-
-    c.MODEL = CfgNode()
-    c.MODEL.ARCH = "resnet50"  # any torchvision ResNet constructor name
+    c = run_defaults("output/lincls")
     c.MODEL.WEIGHTS = ""  # pretrained checkpoint; required when FREEZE_BACKBONE is True
     c.MODEL.FREEZE_BACKBONE = True  # False = supervised training of the whole network
     c.MODEL.NUM_CLASSES = 0  # 0 = number of class folders in DATA.ROOT/DATA.TRAIN_SPLIT
@@ -139,13 +148,7 @@ def load_pretrained(cfg: CfgNode) -> BackboneState | None:
                 "(set MODEL.FREEZE_BACKBONE False to train a supervised model from scratch)"
             )
         return None
-    state = load_resnet_state(cfg.MODEL.WEIGHTS)
-    if state.arch != cfg.MODEL.ARCH:
-        raise UserError(
-            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} holds a {state.arch or 'non-standard ResNet'} "
-            f"backbone but MODEL.ARCH is {cfg.MODEL.ARCH!r}"
-        )
-    return state
+    return read_backbone(cfg.MODEL.WEIGHTS, cfg.MODEL.ARCH)
 
 
 def build_model(
@@ -160,11 +163,12 @@ def build_model(
         raise UserError(f"MODEL.ARCH: {arch!r} is not a torchvision ResNet ({', '.join(ARCHS)})")
     if state is None:
         state = load_pretrained(cfg)
-    model = build_resnet(arch, num_classes=num_classes)
     pretrained = None
     source = "random initialisation"
-    if state is not None:
-        _load_backbone(model, state.state_dict, cfg.MODEL.WEIGHTS)
+    if state is None:
+        model = build_resnet(arch, num_classes=num_classes)
+    else:
+        model, _ = load_backbone(state, arch, f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r}", num_classes=num_classes)
         pretrained = {k: v.clone() for k, v in state.state_dict.items()}
         source = f"{state.source}: {cfg.MODEL.WEIGHTS}"
     # The new classifier, initialised as in the official code.
@@ -174,25 +178,6 @@ def build_model(
         for name, p in model.named_parameters():
             p.requires_grad = name in ("fc.weight", "fc.bias")
     return model, pretrained, source
-
-
-def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:
-    """Load every backbone tensor; any shape or key mismatch is a one-line UserError."""
-    own = model.state_dict()
-    wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        k = wrong[0]
-        raise UserError(
-            f"MODEL.WEIGHTS {path!r}: tensor {k} has shape {tuple(sd[k].shape)}, "
-            f"the model expects {tuple(own[k].shape)} (architecture mismatch)"
-        )
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise UserError(
-            f"MODEL.WEIGHTS {path!r} does not match {model.__class__.__name__}: "
-            f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}"
-        )
 
 
 def sanity_check(model: nn.Module, pretrained: dict[str, torch.Tensor]) -> None:
@@ -224,19 +209,6 @@ def _scalars(metrics: dict) -> dict:
 def lr_at(cfg: CfgNode, epoch: int) -> float:
     """Step schedule: BASE_LR x GAMMA^(number of STEPS reached)."""
     return cfg.SOLVER.BASE_LR * cfg.SOLVER.GAMMA ** sum(epoch >= m for m in cfg.SOLVER.STEPS)
-
-
-def _prefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"module.{k}": v.detach().cpu() for k, v in sd.items()}
-
-
-def _unprefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-def _publish(src: Path, dst: Path) -> None:
-    """Atomically make ``dst`` a copy of the checkpoint ``src``."""
-    atomic_write(dst, lambda f: f.write(src.read_bytes()), what="checkpoint")
 
 
 def _check_cfg(cfg: CfgNode, world_size: int) -> None:
@@ -309,177 +281,20 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bo
     }
 
 
-# Long (186 lines) pending the shared epoch-loop refactor (issue 15, point d): resume, per-epoch train/eval,
-# checkpoint publish and the stop protocol are one sequence whose order the resume-exactness tests pin.
-def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
-    """Run the whole schedule (resuming if asked); returns the results dict written to results.json."""
-    device = dist_info.device
-    world = dist_info.world_size
-    main = dist_info.is_main
-    out = Path(cfg.OUTPUT_DIR)
-    _check_cfg(cfg, world)
-    resume = choose_resume(cfg.RESUME, out)  # a fresh run never rotates away another run's checkpoints
-
-    state = load_pretrained(cfg)  # checkpoint problems are reported before the data is scanned
-    train_set, val_set = _datasets(cfg)
-    num_classes = cfg.MODEL.NUM_CLASSES or len(train_set.classes)
-    if num_classes < len(train_set.classes):
+def _num_classes(cfg: CfgNode, classes: int) -> int:
+    """MODEL.NUM_CLASSES, or the training split's class count when it is 0."""
+    num_classes = cfg.MODEL.NUM_CLASSES or classes
+    if num_classes < classes:
         raise UserError(
-            f"MODEL.NUM_CLASSES is {num_classes} but {cfg.DATA.TRAIN_SPLIT}/ has {len(train_set.classes)} classes"
+            f"MODEL.NUM_CLASSES is {num_classes} but {cfg.DATA.TRAIN_SPLIT}/ has {classes} classes"
         )
-    torch.manual_seed(cfg.SEED)  # identical fc / random init on every rank
-    model, pretrained, source = build_model(cfg, num_classes, state)
-    frozen = cfg.MODEL.FREEZE_BACKBONE
-    kind = "lincls" if frozen else "supervised"
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if frozen:
-        assert len(params) == 2, "only fc.weight and fc.bias may be optimized"  # fc weight, fc bias
-    optimizer = torch.optim.SGD(
-        params, cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY
-    )
+    return num_classes
 
-    start_epoch, best = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}
-    manager = CheckpointManager(out, keep_last=cfg.CHECKPOINT.KEEP_LAST)
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("kind") != kind or ckpt.get("arch") != cfg.MODEL.ARCH or "optimizer" not in ckpt:
-            raise UserError(
-                f"RESUME {str(resume)!r} is not a {kind} checkpoint of a {cfg.MODEL.ARCH} "
-                f"(kind {ckpt.get('kind')!r}, arch {ckpt.get('arch')!r})"
-            )
-        if ckpt.get("weights", "") != cfg.MODEL.WEIGHTS:
-            raise UserError(
-                f"RESUME {str(resume)!r} continues a run on MODEL.WEIGHTS {ckpt.get('weights')!r}, "
-                f"not {cfg.MODEL.WEIGHTS!r}; use another OUTPUT_DIR or RESUME ''"
-            )
-        model.load_state_dict(_unprefixed(ckpt["state_dict"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = int(ckpt["epoch"])
-        best = {"top1": float(ckpt["best_acc1"]), "top5": float(ckpt.get("best_acc5", -1.0))}
-        best["epoch"] = int(ckpt.get("best_epoch", 0))
-        logger.info("resumed from %s (epoch %d)", resume, start_epoch)
 
-    ddp = model
-    if world > 1:
-        extra = {}
-        if frozen:  # frozen BN buffers are identical everywhere and never change: no per-step broadcast
-            sig = inspect.signature(DistributedDataParallel).parameters
-            extra = {"forward_sync_buffers" if "forward_sync_buffers" in sig else "broadcast_buffers": False}
-        ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **extra
-        )
-    per_rank = cfg.SOLVER.BATCH_SIZE // world
-    # The epoch's order is a function of (SEED, epoch), also with one process, so a resumed run sees
-    # the same order as an uninterrupted one.
-    sampler = DistributedSampler(train_set, world, dist_info.rank, shuffle=True, seed=cfg.SEED)
-    workers = cfg.DATA.NUM_WORKERS
-    train_loader = DataLoader(
-        train_set,
-        batch_size=per_rank,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=cfg.DATA.PIN_MEMORY and device.type == "cuda",
-        drop_last=False,
-        generator=torch.Generator(),  # reseeded every epoch: seeds the workers' augmentation
-    )
-    val_loader = make_eval_loader(val_set, per_rank, workers, cfg.DATA.PIN_MEMORY)
-    amp = cfg.TRAIN.AMP and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    writer = MetricWriter(out, enabled=main, tensorboard=cfg.LOG.TENSORBOARD)
-    criterion = nn.CrossEntropyLoss()
-    if main:
-        logger.info(
-            "%s: %s %s, %d classes, weights from %s", kind, cfg.MODEL.ARCH, device, num_classes, source
-        )
-        logger.info(
-            "trainable parameters: %s", [n for n, p in model.named_parameters() if p.requires_grad][:4]
-        )
-
-    iteration = start_epoch * len(train_loader)
-    iters_this_run = 0
-    last = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
-    stopped = False
-    for epoch in range(start_epoch, cfg.SOLVER.EPOCHS):
-        lr = lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.set_epoch(epoch)
-        # Augmentation randomness is a function of (SEED, rank, epoch): a run resumed at an epoch
-        # boundary repeats exactly what the uninterrupted run would have done (on CPU, bit for bit).
-        seed = mix_seed(cfg.SEED, dist_info.rank, epoch)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        train_loader.generator.manual_seed(seed)
-        # Linear protocol: eval mode throughout, so BN uses (and keeps) the pretrained statistics.
-        ddp.train(not frozen)
-        loss_meter, acc_meter = AverageMeter("loss"), AverageMeter("top1")
-        bar = progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}", enabled=main)
-        for images, target in bar:
-            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = ddp(images).float()
-            loss = criterion(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            iters_this_run += 1
-            loss_meter.update(loss.item(), len(target))
-            acc_meter.update(topk_correct(logits.detach(), target, ks=(1,)).mean().item() * 100, len(target))
-            if iteration % cfg.LOG.PERIOD == 0:
-                stats = all_reduce_mean(torch.tensor([loss_meter.avg, acc_meter.avg], device=device)).tolist()
-                writer.write(iteration, {"loss": stats[0], "top1": stats[1], "lr": lr}, prefix="train")
-                bar.set_postfix_str(f"loss {stats[0]:.4f} top1 {stats[1]:.2f} lr {lr:g}")
-            if cfg.TRAIN.MAX_ITERS and iters_this_run >= cfg.TRAIN.MAX_ITERS:
-                stopped = True
-                break
-        bar.close()
-        if stopped:  # a simulated kill: no checkpoint for the unfinished epoch
-            logger.info(
-                "stopping after TRAIN.MAX_ITERS=%d iterations (epoch %d unfinished)",
-                iters_this_run,
-                epoch + 1,
-            )
-            break
-        last = evaluate(model, val_loader, device, amp)
-        is_best = last["top1"] > best["top1"]
-        if is_best:
-            best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
-        writer.write(iteration, {**_scalars(last), "epoch": epoch + 1}, prefix="val")
-        writer.flush()
-        if main:
-            logger.info(
-                "epoch %d/%d: val top1 %.3f top5 %.3f (best top1 %.3f @ %d)",
-                epoch + 1, cfg.SOLVER.EPOCHS, last["top1"], last["top5"], best["top1"], best["epoch"],
-            )  # fmt: skip
-            ckpt = {
-                "epoch": epoch + 1,
-                "arch": cfg.MODEL.ARCH,
-                "state_dict": _prefixed(model.state_dict()),
-                "best_acc1": best["top1"],
-                "best_acc5": best["top5"],
-                "best_epoch": best["epoch"],
-                "optimizer": optimizer.state_dict(),
-                "kind": kind,
-                "weights": cfg.MODEL.WEIGHTS,
-                "config": cfg.dump(),
-            }
-            path = manager.save(ckpt, CheckpointManager.name_for(epoch + 1))
-            if is_best:
-                _publish(path, out / "model_best.pth")
-            if epoch + 1 == cfg.SOLVER.EPOCHS:
-                _publish(path, out / "model_final.pth")
-            logger.info("saved %s", path)
-        barrier()
-    writer.close()
-
-    if stopped:
-        return {}
-    if pretrained is not None:
-        sanity_check(model, pretrained)
-    if math.isnan(last["top1"]):  # resumed after the last epoch: report the final checkpoint's numbers
-        last = evaluate(model, val_loader, device, amp)
-    skipped = report_skipped(f"validation ({cfg.DATA.VAL_SPLIT}/)", last["skipped"])
+def _results(
+    cfg: CfgNode, last: dict, best: dict, kind: str, num_classes: int, num_val: int, **tail: object
+) -> dict:
+    """The results.json fields both training paths share, then ``tail`` (skipped files, sanity check)."""
     results = {
         "top1": last["top1"],
         "top5": last["top5"],
@@ -490,14 +305,215 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
         "checkpoint": cfg.MODEL.WEIGHTS,
         "arch": cfg.MODEL.ARCH,
         "kind": kind,
-        "num_classes": num_classes,
-        "crop_size": cfg.DATA.CROP_SIZE,
-        "num_val": last["num_val"],
-        **skipped,
-        "sanity_check": "passed" if pretrained is not None else "not applicable (backbone trained)",
     }
-    if main:
-        write_json_atomic(results, out / "results.json")
+    if "features" in tail:
+        results["features"] = tail.pop("features")
+    results.update(num_classes=num_classes, crop_size=cfg.DATA.CROP_SIZE, num_val=num_val, **tail)
+    return results
+
+
+def _checkpoint(
+    cfg: CfgNode, model: nn.Module, optimizer, epoch: int, best: dict, kind: str, **extra
+) -> dict:
+    """The official lincls checkpoint (state_dict on the host) plus the weights it was trained on."""
+    weights = cfg.MODEL.WEIGHTS
+    return training_checkpoint(
+        cfg, model, optimizer, epoch, kind, to_cpu=True, best_acc1=best["top1"], **extra, weights=weights
+    )
+
+
+@dataclass
+class LinclsRun:
+    """What one classification run carries between epochs, so the loop's pieces stay short functions."""
+
+    cfg: CfgNode
+    info: DistInfo
+    model: nn.Module
+    ddp: nn.Module  # ``model``, DDP-wrapped on many processes
+    optimizer: torch.optim.Optimizer
+    sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    manager: CheckpointManager
+    writer: MetricWriter
+    kind: str  # "lincls" (frozen backbone) or "supervised"
+    pretrained: dict[str, torch.Tensor] | None  # the backbone the linear protocol must keep
+    num_classes: int
+    start_epoch: int
+    best: dict
+    iteration: int = 0
+    iters_this_run: int = 0
+
+    @property
+    def amp(self) -> bool:
+        return self.cfg.TRAIN.AMP and self.info.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _resume(path: Path, cfg: CfgNode, kind: str, model: nn.Module, optimizer) -> tuple[int, dict]:
+    """Restore a run of the same kind, arch and MODEL.WEIGHTS; returns (next epoch, best so far)."""
+    ckpt = load_resume_checkpoint(path, kind, cfg.MODEL.ARCH, kind)
+    if ckpt.get("weights", "") != cfg.MODEL.WEIGHTS:
+        raise UserError(
+            f"RESUME {str(path)!r} continues a run on MODEL.WEIGHTS {ckpt.get('weights')!r}, "
+            f"not {cfg.MODEL.WEIGHTS!r}; use another OUTPUT_DIR or RESUME ''"
+        )
+    sd = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    load_state_checked(model, sd, f"RESUME {str(path)!r}", hint="MODEL.ARCH / MODEL.NUM_CLASSES")
+    restore_optimizer(optimizer, ckpt, str(path))
+    start_epoch = int(ckpt["epoch"])
+    best = {"top1": float(ckpt["best_acc1"]), "top5": float(ckpt.get("best_acc5", -1.0))}
+    best["epoch"] = int(ckpt.get("best_epoch", 0))
+    logger.info("resumed from %s (epoch %d)", path, start_epoch)
+    return start_epoch, best
+
+
+def _loaders(
+    cfg: CfgNode, info: DistInfo, train_set, val_set
+) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+    per_rank = cfg.SOLVER.BATCH_SIZE // info.world_size
+    # The epoch's order is a function of (SEED, epoch), also with one process, so a resumed run sees
+    # the same order as an uninterrupted one.
+    sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.SEED)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=cfg.DATA.NUM_WORKERS,
+        pin_memory=cfg.DATA.PIN_MEMORY and info.device.type == "cuda",
+        drop_last=False,
+        generator=torch.Generator(),  # reseeded every epoch: seeds the workers' augmentation
+    )
+    val_loader = make_eval_loader(val_set, per_rank, cfg.DATA.NUM_WORKERS, cfg.DATA.PIN_MEMORY)
+    return sampler, train_loader, val_loader
+
+
+def setup(cfg: CfgNode, info: DistInfo) -> LinclsRun:
+    """Data, model, optimizer and the resumed epoch: everything before the first step."""
+    _check_cfg(cfg, info.world_size)
+    resume = choose_resume(
+        cfg.RESUME, cfg.OUTPUT_DIR
+    )  # a fresh run never rotates away another run's checkpoints
+    state = load_pretrained(cfg)  # checkpoint problems are reported before the data is scanned
+    train_set, val_set = _datasets(cfg)
+    num_classes = _num_classes(cfg, len(train_set.classes))
+    torch.manual_seed(cfg.SEED)  # identical fc / random init on every rank
+    model, pretrained, source = build_model(cfg, num_classes, state)
+    frozen = cfg.MODEL.FREEZE_BACKBONE
+    kind = "lincls" if frozen else "supervised"
+    model.to(info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if frozen:
+        assert len(params) == 2, "only fc.weight and fc.bias may be optimized"  # fc weight, fc bias
+    s = cfg.SOLVER
+    optimizer = torch.optim.SGD(params, s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
+    start_epoch, best = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}
+    if resume is not None:
+        start_epoch, best = _resume(resume, cfg, kind, model, optimizer)
+    # Frozen BN buffers are identical everywhere and never change: no per-step broadcast.
+    ddp = wrap_ddp(model, info.device, sync_buffers=not frozen) if info.world_size > 1 else model
+    sampler, train_loader, val_loader = _loaders(cfg, info, train_set, val_set)
+    writer = MetricWriter(cfg.OUTPUT_DIR, enabled=info.is_main, tensorboard=cfg.LOG.TENSORBOARD)
+    if info.is_main:
+        logger.info(
+            "%s: %s %s, %d classes, weights from %s", kind, cfg.MODEL.ARCH, info.device, num_classes, source
+        )
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        logger.info("trainable parameters: %s", trainable[:4])
+    manager = CheckpointManager(cfg.OUTPUT_DIR, keep_last=cfg.CHECKPOINT.KEEP_LAST)
+    return LinclsRun(
+        cfg, info, model, ddp, optimizer, sampler, train_loader, val_loader, manager, writer, kind,
+        pretrained, num_classes, start_epoch, best, iteration=start_epoch * len(train_loader),
+    )  # fmt: skip
+
+
+def train_one_epoch(run: LinclsRun, epoch: int) -> bool:
+    """One epoch of SGD; True when TRAIN.MAX_ITERS stopped it early (a simulated kill, no checkpoint)."""
+    cfg, device, amp = run.cfg, run.info.device, run.amp
+    lr = lr_at(cfg, epoch)
+    set_lr(run.optimizer, lr)
+    run.sampler.set_epoch(epoch)
+    seed_epoch(cfg.SEED, run.info.rank, epoch, run.train_loader.generator)
+    # Linear protocol: eval mode throughout, so BN uses (and keeps) the pretrained statistics.
+    run.ddp.train(not cfg.MODEL.FREEZE_BACKBONE)
+    loss_meter, acc_meter = AverageMeter("loss"), AverageMeter("top1")
+    loader = run.train_loader
+    bar = progress(loader, total=len(loader), desc=f"epoch {epoch + 1}", enabled=run.info.is_main)
+    for images, target in bar:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = run.ddp(images).float()
+        loss = nn.functional.cross_entropy(logits, target)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.iteration += 1
+        run.iters_this_run += 1
+        loss_meter.update(loss.item(), len(target))
+        acc_meter.update(topk_correct(logits.detach(), target, ks=(1,)).mean().item() * 100, len(target))
+        if run.iteration % cfg.LOG.PERIOD == 0:
+            stats = all_reduce_mean(torch.tensor([loss_meter.avg, acc_meter.avg], device=device)).tolist()
+            run.writer.write(run.iteration, {"loss": stats[0], "top1": stats[1], "lr": lr}, prefix="train")
+            bar.set_postfix_str(f"loss {stats[0]:.4f} top1 {stats[1]:.2f} lr {lr:g}")
+        if cfg.TRAIN.MAX_ITERS and run.iters_this_run >= cfg.TRAIN.MAX_ITERS:
+            bar.close()
+            logger.info(
+                "stopping after TRAIN.MAX_ITERS=%d iterations (epoch %d unfinished)",
+                run.iters_this_run,
+                epoch + 1,
+            )
+            return True
+    bar.close()
+    return False
+
+
+def validate_and_save(run: LinclsRun, epoch: int) -> dict:
+    """Evaluate after an epoch, update the best, write the checkpoint (and model_best / model_final)."""
+    cfg = run.cfg
+    last = evaluate(run.model, run.val_loader, run.info.device, run.amp)
+    is_best = last["top1"] > run.best["top1"]
+    if is_best:
+        run.best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
+    run.writer.write(run.iteration, {**_scalars(last), "epoch": epoch + 1}, prefix="val")
+    run.writer.flush()
+    if run.info.is_main:
+        best = run.best
+        logger.info(
+            "epoch %d/%d: val top1 %.3f top5 %.3f (best top1 %.3f @ %d)",
+            epoch + 1, cfg.SOLVER.EPOCHS, last["top1"], last["top5"], best["top1"], best["epoch"],
+        )  # fmt: skip
+        extra = {"best_acc5": best["top5"], "best_epoch": best["epoch"]}
+        ckpt = _checkpoint(cfg, run.model, run.optimizer, epoch + 1, best, run.kind, **extra)
+        path = run.manager.save(ckpt, CheckpointManager.name_for(epoch + 1))
+        if is_best:
+            publish_copy(path, Path(cfg.OUTPUT_DIR) / "model_best.pth")
+        if epoch + 1 == cfg.SOLVER.EPOCHS:
+            publish_copy(path, Path(cfg.OUTPUT_DIR) / "model_final.pth")
+        logger.info("saved %s", path)
+    barrier()
+    return last
+
+
+def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
+    """Run the whole schedule (resuming if asked); returns the results dict written to results.json."""
+    run = setup(cfg, dist_info)
+    last = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
+    for epoch in range(run.start_epoch, cfg.SOLVER.EPOCHS):
+        if train_one_epoch(run, epoch):
+            run.writer.close()
+            return {}
+        last = validate_and_save(run, epoch)
+    run.writer.close()
+    if run.pretrained is not None:
+        sanity_check(run.model, run.pretrained)
+    if math.isnan(last["top1"]):  # resumed after the last epoch: report the final checkpoint's numbers
+        last = evaluate(run.model, run.val_loader, dist_info.device, run.amp)
+    results = _results(
+        cfg, last, run.best, run.kind, run.num_classes, last["num_val"],
+        **report_skipped(f"validation ({cfg.DATA.VAL_SPLIT}/)", last["skipped"]),
+        sanity_check="passed" if run.pretrained is not None else "not applicable (backbone trained)",
+    )  # fmt: skip
+    if dist_info.is_main:
+        write_json_atomic(results, Path(cfg.OUTPUT_DIR) / "results.json")
         logger.info("results: %s", json.dumps(results))
     return results
 
@@ -559,6 +575,44 @@ def _fc_metrics(fc: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> dic
     return {"top1": hits[0].item(), "top5": hits[1].item(), "loss": loss}
 
 
+def _train_fc(
+    cfg: CfgNode, fc: nn.Linear, train: tuple, val: tuple, writer: MetricWriter
+) -> tuple[dict, dict]:
+    """SGD on the fc over (features, labels) batches, a (SEED, epoch) shuffle per epoch; returns (last, best)."""
+    (feats, labels), (val_feats, val_labels) = train, val
+    s = cfg.SOLVER
+    optimizer = torch.optim.SGD(fc.parameters(), s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
+    batch, iteration = s.BATCH_SIZE, 0
+    best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
+    for epoch in range(s.EPOCHS):
+        lr = lr_at(cfg, epoch)
+        set_lr(optimizer, lr)
+        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(mix_seed(cfg.SEED, epoch)))
+        x_epoch, y_epoch = feats[order], labels[order]  # one gather per epoch; batches are views
+        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, top-1 hits (no host sync per step)
+        for i in range(0, len(order), batch):
+            x, y = x_epoch[i : i + batch], y_epoch[i : i + batch]
+            logits = fc(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()])
+        loss_sum, hits = sums.tolist()
+        train_scalars = {"loss": loss_sum / len(order), "top1": 100 * hits / len(order), "lr": lr}
+        last = _fc_metrics(fc, val_feats, val_labels)
+        if last["top1"] > best["top1"]:
+            best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
+        writer.write(iteration, train_scalars, prefix="train")
+        writer.write(iteration, {**last, "epoch": epoch + 1}, prefix="val")
+        logger.info(
+            "epoch %d/%d: train loss %.4f, val top1 %.3f top5 %.3f (lr %g)",
+            epoch + 1, s.EPOCHS, train_scalars["loss"], last["top1"], last["top5"], lr,
+        )  # fmt: skip
+    return last, best
+
+
 def train_precomputed(cfg: CfgNode, dist_info: DistInfo) -> dict:
     """The linear protocol's fc trained on features computed once (see TRAIN.PRECOMPUTED_FEATURES).
 
@@ -573,10 +627,7 @@ def train_precomputed(cfg: CfgNode, dist_info: DistInfo) -> dict:
     d = cfg.DATA
     tf = build_eval_transform(d.CROP_SIZE, d.RESIZE, d.MEAN, d.STD)
     datasets = labelled_split_pair(d.ROOT, d.TRAIN_SPLIT, d.VAL_SPLIT, tf, tf, d.MAX_BAD_FRACTION)
-    classes = len(datasets[0].classes)
-    num_classes = cfg.MODEL.NUM_CLASSES or classes
-    if num_classes < classes:
-        raise UserError(f"MODEL.NUM_CLASSES is {num_classes} but {d.TRAIN_SPLIT}/ has {classes} classes")
+    num_classes = _num_classes(cfg, len(datasets[0].classes))
     torch.manual_seed(cfg.SEED)
     model, pretrained, source = build_model(cfg, num_classes, state)
     model.to(dist_info.device)
@@ -588,46 +639,12 @@ def train_precomputed(cfg: CfgNode, dist_info: DistInfo) -> dict:
         mean, std = feats.mean(dim=0), feats.std(dim=0).clamp_min(1e-6)  # constant features stay 0
         feats, val_feats = (feats - mean) / std, (val_feats - mean) / std
     fc = model.fc.cpu()
-    optimizer = torch.optim.SGD(
-        fc.parameters(),
-        cfg.SOLVER.BASE_LR,
-        momentum=cfg.SOLVER.MOMENTUM,
-        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-    )
     writer = MetricWriter(out, enabled=dist_info.is_main, tensorboard=cfg.LOG.TENSORBOARD)
     logger.info(
         "linear probe on precomputed features: %s, %d train / %d val features of dim %d, weights from %s",
         cfg.MODEL.ARCH, len(feats), len(val_feats), feats.shape[1], source,
     )  # fmt: skip
-    batch, iteration = cfg.SOLVER.BATCH_SIZE, 0
-    best = {"top1": -1.0, "top5": -1.0, "epoch": 0}
-    for epoch in range(cfg.SOLVER.EPOCHS):
-        lr = lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(mix_seed(cfg.SEED, epoch)))
-        x_epoch, y_epoch = feats[order], labels[order]  # one gather per epoch; batches are views
-        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, top-1 hits (no host sync per step)
-        for i in range(0, len(order), batch):
-            x, y = x_epoch[i : i + batch], y_epoch[i : i + batch]
-            logits = fc(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()])
-        loss_sum, hits = sums.tolist()
-        train = {"loss": loss_sum / len(order), "top1": 100 * hits / len(order), "lr": lr}
-        last = _fc_metrics(fc, val_feats, val_labels)
-        if last["top1"] > best["top1"]:
-            best = {"top1": last["top1"], "top5": last["top5"], "epoch": epoch + 1}
-        writer.write(iteration, train, prefix="train")
-        writer.write(iteration, {**last, "epoch": epoch + 1}, prefix="val")
-        logger.info(
-            "epoch %d/%d: train loss %.4f, val top1 %.3f top5 %.3f (lr %g)",
-            epoch + 1, cfg.SOLVER.EPOCHS, train["loss"], last["top1"], last["top5"], lr,
-        )  # fmt: skip
+    last, best = _train_fc(cfg, fc, (feats, labels), (val_feats, val_labels), writer)
     writer.close()
     with torch.no_grad():  # fold the standardisation into the fc: a plain classifier on raw features
         fc.weight.div_(std)
@@ -635,35 +652,15 @@ def train_precomputed(cfg: CfgNode, dist_info: DistInfo) -> dict:
     model.fc.to(dist_info.device)
     if pretrained is not None:
         sanity_check(model, pretrained)
-    results = {
-        "top1": last["top1"],
-        "top5": last["top5"],
-        "best_top1": best["top1"],
-        "best_top5": best["top5"],
-        "best_epoch": best["epoch"],
-        "epochs": cfg.SOLVER.EPOCHS,
-        "checkpoint": cfg.MODEL.WEIGHTS,
-        "arch": cfg.MODEL.ARCH,
-        "kind": "lincls",
-        "features": "precomputed once (validation transform, no crop augmentation)"
-        + (", standardised" if cfg.TRAIN.STANDARDIZE_FEATURES else ""),
-        "num_classes": num_classes,
-        "crop_size": cfg.DATA.CROP_SIZE,
-        "num_val": len(val_feats),
-        "num_skipped": int(cache["num_skipped"]),
-        "sanity_check": "passed",
-    }
+    standardised = ", standardised" if cfg.TRAIN.STANDARDIZE_FEATURES else ""
+    results = _results(
+        cfg, last, best, "lincls", num_classes, len(val_feats),
+        features="precomputed once (validation transform, no crop augmentation)" + standardised,
+        num_skipped=int(cache["num_skipped"]), sanity_check="passed",
+    )  # fmt: skip
     if dist_info.is_main:
-        ckpt = {
-            "epoch": cfg.SOLVER.EPOCHS,
-            "arch": cfg.MODEL.ARCH,
-            "state_dict": _prefixed(model.state_dict()),
-            "best_acc1": best["top1"],
-            "kind": "lincls",
-            "weights": cfg.MODEL.WEIGHTS,
-            "config": cfg.dump(),
-        }
-        atomic_write(out / "model_final.pth", lambda f: torch.save(ckpt, f), what="checkpoint")
+        ckpt = _checkpoint(cfg, model, None, cfg.SOLVER.EPOCHS, best, "lincls")
+        save_atomic(ckpt, out / "model_final.pth")
         write_json_atomic(results, out / "results.json")
         logger.info("results: %s", json.dumps(results))
     return results

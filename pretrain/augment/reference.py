@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import Any
 
 from PIL import Image, ImageFilter
 from torch import Tensor
 from torchvision import transforms
 
+from moco_d2.core.config import pretrain_defaults
 from moco_d2.core.errors import UserError
 from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -79,6 +81,7 @@ def mocov2_reference(
     )
 
 
+# Repeats mocov2_reference's frame on purpose: each recipe mirrors its official main_moco.py lines.
 def mocov1_reference(
     size: int = 224,
     scale: Sequence[float] = (0.2, 1.0),
@@ -98,32 +101,39 @@ def mocov1_reference(
     )
 
 
-def _cfg(aug_cfg: Any, key: str, default: Any) -> Any:
-    """Read an optional AUG key, so older configs without it keep working."""
-    return getattr(aug_cfg, key, default) if aug_cfg is not None else default
+@cache
+def _default_aug() -> Any:
+    return pretrain_defaults().AUG
+
+
+def _cfg(aug_cfg: Any, key: str) -> Any:
+    """Read an AUG key; ``pretrain_defaults()`` (the one copy of the defaults) fills a key that an older or
+    partial config (or ``None``) lacks."""
+    source = aug_cfg if aug_cfg is not None and hasattr(aug_cfg, key) else _default_aug()
+    return getattr(source, key)
 
 
 def aug_settings(aug_cfg: Any) -> dict[str, Any]:
     """Validate the AUG config section and return plain Python values."""
-    name = str(_cfg(aug_cfg, "NAME", "mocov2")).lower()
-    impl = str(_cfg(aug_cfg, "IMPL", "reference")).lower()
+    name = str(_cfg(aug_cfg, "NAME")).lower()
+    impl = str(_cfg(aug_cfg, "IMPL")).lower()
     if name not in AUG_NAMES:
         raise UserError(f"config key AUG.NAME: expected one of {list(AUG_NAMES)}, got {name!r}")
     if impl not in AUG_IMPLS:
         raise UserError(f"config key AUG.IMPL: expected one of {list(AUG_IMPLS)}, got {impl!r}")
-    size = int(_cfg(aug_cfg, "SIZE", 224))
+    size = int(_cfg(aug_cfg, "SIZE"))
     if size <= 0:
         raise UserError(f"config key AUG.SIZE: expected a positive integer, got {size}")
-    scale = tuple(float(s) for s in _cfg(aug_cfg, "CROP_SCALE", (0.2, 1.0)))
+    scale = tuple(float(s) for s in _cfg(aug_cfg, "CROP_SCALE"))
     if len(scale) != 2 or not (0.0 < scale[0] <= scale[1] <= 1.0):
         raise UserError(
             f"config key AUG.CROP_SCALE: expected [min, max] with 0 < min <= max <= 1, got {scale}"
         )
-    mean = tuple(float(m) for m in _cfg(aug_cfg, "MEAN", IMAGENET_MEAN))
-    std = tuple(float(s) for s in _cfg(aug_cfg, "STD", IMAGENET_STD))
+    mean = tuple(float(m) for m in _cfg(aug_cfg, "MEAN"))
+    std = tuple(float(s) for s in _cfg(aug_cfg, "STD"))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise UserError(f"config keys AUG.MEAN/AUG.STD: expected 3 values each (STD > 0), got {mean} / {std}")
-    blur = tuple(float(s) for s in _cfg(aug_cfg, "BLUR_SIGMA", BLUR_SIGMA))
+    blur = tuple(float(s) for s in _cfg(aug_cfg, "BLUR_SIGMA"))
     if len(blur) != 2 or not (0.0 < blur[0] <= blur[1]):
         raise UserError(
             f"config key AUG.BLUR_SIGMA: expected [min, max] with 0 < min <= max, got {list(blur)}"
