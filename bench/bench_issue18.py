@@ -262,7 +262,7 @@ def json_row(setting: Setting, row: dict[str, object]) -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet (the official code builds it)")
@@ -285,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "--warmup", type=int, default=3, help="untimed steps per mode (compile, CUDA-graph recording)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave the default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = build_arg_parser()
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds must be >= 3 (median of interleaved rounds)")

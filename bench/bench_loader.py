@@ -142,7 +142,7 @@ def run(root: str, impl: str, workers: int, args) -> dict[str, float]:
     return {"images_per_s": args.batch * args.steps / total, "wait_fraction": waited / total}
 
 
-def main() -> None:
+def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -164,7 +164,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--real-step", default="", metavar="ARCH", help="run a real MoCo step of ARCH")
     parser.add_argument("--device", default="cpu", help="device of --real-step")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_arg_parser().parse_args()
 
     torch.set_num_threads(1)
     if args.real_step and args.device.startswith("cuda"):

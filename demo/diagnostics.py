@@ -16,7 +16,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from moco_d2.core.backbone import build_resnet, load_resnet_state
+from moco_d2.core.backbone import load_backbone
 from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD
 from moco_d2.core.io import write_json_atomic
 
@@ -50,10 +50,7 @@ def backbone_ranks(weights: str | os.PathLike, arch: str, scenes: torch.Tensor, 
 
     BN runs in training mode (batch statistics), as while the detector is fine-tuned.
     """
-    model = build_resnet(arch)
-    missing, _ = model.load_state_dict(load_resnet_state(weights).state_dict, strict=False)
-    if [k for k in missing if not k.startswith("fc.")]:
-        raise ValueError(f"{weights}: not a complete {arch} backbone (missing {missing[:3]})")
+    model, _ = load_backbone(weights, arch, name="backbone")
     model.train()
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in STAGES.values()}
     for chunk in scenes.split(batch):

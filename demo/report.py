@@ -365,7 +365,8 @@ def _rank_section(ranks: dict | None, table: dict) -> list[str]:
     return md
 
 
-# Long (130 lines): the report's sections in reading order, one markdown block each.
+# Long (154 lines): the report's sections in reading order, one markdown block each; splitting it would
+# scatter the page a reader checks against the report top to bottom.
 def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elapsed: float) -> Path:
     """Write ``plan.report_dir/report.md`` and its plots; returns the report's path."""
     import torch

@@ -84,7 +84,7 @@ def _pretrain_summary(out: Path) -> str:
     return f"{c['epochs']} epochs, loss {c['loss'][-1]:.3f}, contrastive acc {c['acc1'][-1]:.1f} %, kNN top-1 per epoch {knn} %"
 
 
-# Long on purpose (219 lines): the demo's 27 stages, declared in the order they run, one literal each;
+# Long on purpose (223 lines): the demo's stages, declared in the order they run, one literal each;
 # splitting the list would scatter the plan a reader follows top to bottom.
 def build_stages(plan: Plan) -> list[Stage]:
     """Every stage of the demo, in order."""
