@@ -174,13 +174,29 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
-def _plot_curves(plan: Plan, out: Path, random_knn: float | None) -> bool:
-    """Loss and contrastive accuracy per epoch of both MoCo runs, and the kNN monitor when it ran."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, axes, out: Path) -> None:
+    """Grid and legend on every axis, then write the figure and free it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+
+
+def _plot_curves(plan: Plan, out: Path, random_knn: float | None) -> bool:
+    """Loss and contrastive accuracy per epoch of both MoCo runs, and the kNN monitor when it ran."""
+    plt = _pyplot()
     curves = {}
     for v in ("moco_v2", "moco_v1"):
         path = plan.work / "pretrain" / v / "metrics.jsonl"
@@ -199,22 +215,13 @@ def _plot_curves(plan: Plan, out: Path, random_knn: float | None) -> bool:
     for ax, title in zip(axes, ("InfoNCE loss", "contrastive top-1 (%)", "kNN top-1 on val (%)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, out)
     return bool(curves)
 
 
 def _plot_lincls(plan: Plan, out: Path) -> bool:
     """Val top-1 per epoch of each row's linear classifier: shows whether (and when) it converged."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 3.4))
     any_data = False
     for row in ROWS:
         curve = lincls_curve(plan.work / "lincls" / row / "metrics.jsonl")
@@ -223,22 +230,14 @@ def _plot_lincls(plan: Plan, out: Path) -> bool:
             any_data = True
     ax.set_xlabel("epoch")
     ax.set_ylabel("linear top-1 on val (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, [ax], out)
     return any_data
 
 
 def _plot_ap(table: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """AP50 / AP / AP75 bars per row (seed means)."""
     rows = list(table)
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 3.4))
     width = 0.27
     for i, (col, colour) in enumerate((("AP50", "tab:green"), ("AP", "tab:blue"), ("AP75", "tab:purple"))):
         vals = [table[r][col] if table[r][col] is not None else 0.0 for r in rows]
@@ -246,11 +245,7 @@ def _plot_ap(table: dict, out: Path) -> None:
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(rows)), [ROW_TITLES[r] for r in rows])
     ax.set_ylabel("box AP (%) on the test scenes")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, [ax], out)
 
 
 def _margin(spread: dict, col: str, a: str, b: str) -> float:
