@@ -406,8 +406,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"core), every other stage with {plan.threads}, all with "
         "`torch.use_deterministic_algorithms(True, warn_only=True)` (`demo/child.py`): the same command on the "
         "same machine gives the same numbers. Another CPU kernel set (e.g. AVX2 instead of AVX-512) rounds "
-        "float32 differently and so moves the numbers; `python -m demo.compare RUN_A RUN_B` measures by how much "
-        "(measured sizes: `demo/README.md`).",
+        "float32 differently and so moves the numbers; `python -m demo.compare RUN_A RUN_B` measures by how much.",
         f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below, "
         f"which a resumed demo collects over its invocations; the last invocation took {elapsed / 60:.1f} min).",
         "",
