@@ -52,7 +52,7 @@ def make_device_step(aug: SimpleNamespace, args, on_device: bool):
     The returned function synchronises (reads the loss), so the time of the step is real.
     """
     device = torch.device(args.device)
-    mode = OFFICIAL if aug.IMPL == "reference" else our_mode(device)
+    mode = OFFICIAL if aug.IMPL == "reference" else our_mode(device, args.real_step, args.size)
     model, optimizer = build(args.real_step, args.batch * 16, device, mode)
     model.train()
     device_stage = build_device_stage(aug, device) if aug.IMPL == "gpu" or on_device else None

@@ -8,12 +8,10 @@ from host memory to the device, runs forward + InfoNCE loss + backward + SGD, as
   non-blocking copies on CUDA as its loader and loop do, and for split BN the official Colab demo's
   ``SplitBatchNorm`` with the same number of splits;
 * ours = ``pretrain.train.train_step`` with the trainer's own choices (``build_model``,
-  ``build_optimizer``, ``amp_dtype_for``, channels_last on CUDA): on CUDA bf16 autocast, channels_last,
-  fused SGD, pinned + non_blocking; on the CPU fp32, NCHW, foreach SGD. ``--bf16`` adds a CPU row with
-  bf16 autocast. On the 2-core AVX-512 (AVX512_BF16, no AMX) development machine (2026-12-03,
-  bench/README.md) it ran at 0.3-0.4x the official fp32 step for ResNet-18 at 32 px (the demo) and
-  1.8-1.9x for ResNet-50 at 224 px; the trainer keeps fp32 on every CPU (``amp_dtype_for``) until a
-  per-shape rule and its fidelity check exist.
+  ``build_optimizer``, ``amp_dtype_for``, ``channels_last_for``): on CUDA bf16 autocast, channels_last,
+  fused SGD, pinned + non_blocking; on the CPU foreach SGD, NCHW, and bf16 autocast only where
+  ``moco_d2.core.cpu`` says it wins (native bf16 CPU, stock ResNet, crop >= 112 px), else fp32.
+  ``--bf16`` / ``--channels-last`` add CPU rows with that choice flipped, to measure the rule.
 
 Rows per batch size and per ``--bn-splits`` (1 = plain BN vs plain BN; 8 = split BN vs split BN, as
 ``MODEL.BN_SPLITS`` in one process). Timed rounds are interleaved (A B A B ...); median (min-max).
@@ -60,21 +58,51 @@ OFFICIAL = StepMode(
 )
 
 
-def our_mode(device: torch.device, cpu_channels_last: bool = False) -> StepMode:
-    """The trainer's step settings for ``device`` (``pretrain/train.py`` with its default TRAIN.AMP,
-    TRAIN.CHANNELS_LAST and SOLVER.FOREACH: amp and channels_last on CUDA only)."""
+def our_mode(device: torch.device, arch: str = "resnet50", size: int = 224) -> StepMode:
+    """The trainer's step settings for ``device`` and this shape (``pretrain/train.py`` with its default
+    TRAIN.AMP, TRAIN.CHANNELS_LAST and SOLVER.FOREACH; on the CPU ``moco_d2.core.cpu`` decides bf16)."""
     from moco_d2.core.config import pretrain_defaults
-    from pretrain.train import amp_dtype_for
+    from pretrain.train import amp_dtype_for, channels_last_for
 
-    amp = amp_dtype_for(pretrain_defaults(), device)
+    cfg = pretrain_defaults()
+    cfg.MODEL.ARCH, cfg.AUG.SIZE = arch, size
+    amp, channels_last = amp_dtype_for(cfg, device), channels_last_for(cfg, device)
     if device.type == "cuda":
-        return StepMode("ours: bf16 + channels_last + fused SGD", amp, True, "fused", True)
+        return StepMode("ours: bf16 + channels_last + fused SGD", amp, channels_last, "fused", True)
     name = (
         "ours: fp32 + foreach SGD"
-        + (" + channels_last" if cpu_channels_last else "")
+        + (" + channels_last" if channels_last else "")
         + (f" + {str(amp).removeprefix('torch.')} autocast" if amp else "")
     )
-    return StepMode(name, amp, cpu_channels_last, "foreach", False)
+    return StepMode(name, amp, channels_last, "foreach", False)
+
+
+def cpu_variants(ours: StepMode, bf16: bool, channels_last: bool) -> list[StepMode]:
+    """Rows that flip the trainer's CPU choices (to measure them): bf16 autocast on/off, NCHW/NHWC."""
+    flips = []
+    if bf16:
+        amp = None if ours.amp_dtype else torch.bfloat16
+        flips.append(
+            replace(ours, name=f"{ours.name}, bf16 {'off' if ours.amp_dtype else 'on'}", amp_dtype=amp)
+        )
+    if channels_last:
+        flips.append(
+            replace(
+                ours,
+                name=f"{ours.name}, channels_last {'off' if ours.channels_last else 'on'}",
+                channels_last=not ours.channels_last,
+            )
+        )
+    if bf16 and channels_last:
+        flips.append(
+            replace(
+                ours,
+                name=f"{ours.name}, both flipped",
+                amp_dtype=flips[0].amp_dtype,
+                channels_last=not ours.channels_last,
+            )
+        )
+    return flips
 
 
 def build(arch: str, K: int, device: torch.device, mode: StepMode, seed: int = 0, bn_splits: int = 1):
@@ -208,8 +236,9 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="add a row: our defaults + torch.compile (TRAIN.COMPILE)"
     )
+    parser.add_argument("--bf16", action="store_true", help="CPU: add a row with bf16 autocast flipped")
     parser.add_argument(
-        "--bf16", action="store_true", help="add a row: ours + bf16 autocast (on the CPU: to measure it)"
+        "--channels-last", action="store_true", help="CPU: add a row with channels_last flipped"
     )
     args = parser.parse_args()
 
@@ -218,12 +247,12 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    ours = our_mode(device)
+    ours = our_mode(device, args.arch, args.image_size)
     modes = [OFFICIAL, ours]
     if args.compile:
         modes.append(replace(ours, name=ours.name + " + torch.compile", compile=True))
-    if args.bf16 and ours.amp_dtype is None:
-        modes.append(replace(ours, name=ours.name + " + bf16 autocast", amp_dtype=torch.bfloat16))
+    if device.type == "cpu":
+        modes += cpu_variants(ours, args.bf16, args.channels_last)
     rows, results = [], []
     for batch in args.batch_sizes:
         for splits in args.bn_splits:

@@ -2,7 +2,8 @@
 
 Each run is a fresh process, as a user starts it, on an ImageFolder of Fashion-MNIST images (Debian's
 package, ``demo.fashion_mnist``); the default is the demo's scale (``configs/demo/moco_v2.yaml``:
-ResNet-18, 32 px, 8 BN splits, 1 loader worker), one epoch, no kNN monitor, no checkpoint. Environments:
+resnet18_small, 28 px, 8 BN splits, 1 loader worker), one epoch, no kNN monitor, no checkpoint, eager
+(``TRAIN.COMPILE False``: the compile's ~60 s would hide the steps). Environments:
 
 * ``plain shell, before``: no OpenMP variables and torch imported before the project, i.e. the
   runtime's default (threads spin while they wait), what every entry point did before issue 17;
@@ -78,9 +79,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/demo/moco_v2.yaml")
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--arch", default=None, help="MODEL.ARCH (default: the config's)")
+    parser.add_argument("--size", type=int, default=None, help="AUG.SIZE (default: the config's)")
+    parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--K", type=int, default=4096)
     parser.add_argument("--bn-splits", type=int, default=8)
@@ -90,12 +91,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="environment names to run (default all)")
     args = parser.parse_args()
 
+    if not (args.arch and args.size):
+        from moco_d2.core.config import load_config, pretrain_defaults
+
+        cfg = load_config(pretrain_defaults(), args.config)
+        args.arch, args.size = args.arch or cfg.MODEL.ARCH, args.size or int(cfg.AUG.SIZE)
     cores = os.cpu_count() or 1
     envs = environments(cores)
     if args.only:
         envs = {k: v for k, v in envs.items() if k in args.only}
     opts = [
-        "--config-file", args.config, "MODEL.ARCH", args.arch, "AUG.SIZE", str(args.size),
+        "--config-file", args.config, "MODEL.ARCH", args.arch, "AUG.SIZE", str(args.size), "TRAIN.COMPILE", "False",
         "SOLVER.BATCH_SIZE", str(args.batch), "MODEL.K", str(args.K), "MODEL.BN_SPLITS", str(args.bn_splits),
         "DATA.NUM_WORKERS", str(args.workers), "SOLVER.EPOCHS", "1", "KNN.EVAL_PERIOD", "0",
         "CHECKPOINT.PERIOD_ITERS", "0", "RESUME", "", "TRAIN.DEVICE", "cpu", "LOG.TENSORBOARD", "False",

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from moco_d2.core import cpu
 from moco_d2.core import distributed as dist_utils
 from moco_d2.core.backbone import check_pretrain_arch
 from moco_d2.core.config import default_argument_parser, load_config, pretrain_defaults
@@ -158,10 +159,25 @@ def learning_rate(cfg: CfgNode, epoch: int) -> float:
 
 
 def amp_dtype_for(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, fp16 (with GradScaler) otherwise; None = full precision."""
-    if not (cfg.TRAIN.AMP and device.type == "cuda"):
+    """Autocast dtype under TRAIN.AMP: on CUDA bf16 where supported, fp16 (with GradScaler) otherwise;
+    on the CPU bf16 only where ``moco_d2.core.cpu`` measured it faster; None = full precision."""
+    if not cfg.TRAIN.AMP:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu.cpu_amp(cfg.MODEL.ARCH, int(cfg.AUG.SIZE)):
+        return torch.bfloat16
+    return None
+
+
+def channels_last_for(cfg: CfgNode, device: torch.device) -> bool:
+    """NHWC memory under TRAIN.CHANNELS_LAST: always on CUDA, on the CPU where ``moco_d2.core.cpu``
+    measured it faster."""
+    if not cfg.TRAIN.CHANNELS_LAST:
+        return False
+    if device.type == "cpu":
+        return cpu.cpu_channels_last_wins(cfg.MODEL.ARCH, int(cfg.AUG.SIZE))
+    return device.type == "cuda"
 
 
 def train_step(
@@ -410,8 +426,7 @@ def _build_moco(cfg: CfgNode, info: DistInfo) -> tuple[MoCo, torch.memory_format
     device = info.device
     torch.manual_seed(cfg.SEED)  # identical initial weights and queue on every rank
     moco = build_model(cfg, info.world_size).to(device)
-    channels_last = cfg.TRAIN.CHANNELS_LAST and device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last_for(cfg, device) else torch.contiguous_format
     moco = moco.to(memory_format=memory_format)
     if cfg.TRAIN.COMPILE and device.type == "cpu" and not _cpp_compiler():
         logger.warning("TRAIN.COMPILE: no C++ compiler (g++ or $CXX) for the CPU code; running eager instead")

@@ -72,8 +72,10 @@ def pretrain_defaults() -> CfgNode:
     c.SOLVER.FOREACH = True  # multi-tensor optimizer kernels (fused on CUDA when available)
 
     c.TRAIN = CfgNode()
-    c.TRAIN.AMP = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler)
-    c.TRAIN.CHANNELS_LAST = True  # on CUDA only
+    # mixed precision: CUDA bf16 where supported, else fp16 + GradScaler; CPU bf16 only with native bf16
+    # (AVX512_BF16 / AMX) on the shapes where it measured faster (moco_d2/core/cpu.py), else fp32
+    c.TRAIN.AMP = True
+    c.TRAIN.CHANNELS_LAST = True  # NHWC on CUDA; the CPU follows moco_d2/core/cpu.py (NCHW today)
     c.TRAIN.COMPILE = False  # torch.compile the two encoders (fuses BN/ReLU; compiles for a minute or two)
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs: less launch overhead at small per-GPU
     # batches), "max-autotune", "max-autotune-no-cudagraphs"

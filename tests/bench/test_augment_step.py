@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench.bench_step import BASELINE, StepMode, build, our_mode, step
+from bench.bench_step import BASELINE, StepMode, build, cpu_variants, our_mode, step
 
 CPU = torch.device("cpu")
 
@@ -40,8 +40,8 @@ def baseline():
 @pytest.mark.parametrize(
     "mode",
     [
-        our_mode(CPU),
-        our_mode(CPU, cpu_channels_last=False),
+        our_mode(CPU, "resnet18", 32),  # the trainer's CPU settings at this shape: fp32 on every CPU
+        *cpu_variants(our_mode(CPU, "resnet18", 32), bf16=False, channels_last=True),
         dataclasses.replace(BASELINE, name="fused SGD", optimizer_impl="fused"),
     ],
     ids=lambda m: m.name,
