@@ -60,7 +60,7 @@ class Setting:
 
 def settings(args: argparse.Namespace, device: torch.device) -> dict[str, Setting]:
     """The two issue-18 settings; the first mode of each is its baseline (the official step)."""
-    ours = our_mode(device)
+    ours = our_mode(device, args.arch, args.image_size)
     b32 = [OFFICIAL, ours]
     if args.compile_mode:
         name = f"{ours.name} + compile {args.compile_mode}"

@@ -69,11 +69,8 @@ def our_mode(device: torch.device, arch: str = "resnet50", size: int = 224) -> S
     amp, channels_last = amp_dtype_for(cfg, device), channels_last_for(cfg, device)
     if device.type == "cuda":
         return StepMode("ours: bf16 + channels_last + fused SGD", amp, channels_last, "fused", True)
-    name = (
-        "ours: fp32 + foreach SGD"
-        + (" + channels_last" if channels_last else "")
-        + (f" + {str(amp).removeprefix('torch.')} autocast" if amp else "")
-    )
+    precision = "bf16 autocast" if amp == torch.bfloat16 else "fp32"
+    name = f"ours: {precision} + foreach SGD" + (" + channels_last" if channels_last else "")
     return StepMode(name, amp, channels_last, "foreach", False)
 
 
