@@ -20,6 +20,13 @@ loader worker and a busy process sharing the two cores (measured, bench/README.m
 second-guesses it. ``KMP_BLOCKTIME`` is not set: it is Intel OpenMP's knob, and torch's CPU wheels
 load libgomp.
 
+The same call gives ``torch.compile``'s on-disk cache one directory per CPU kernel set
+(``TORCHINDUCTOR_CACHE_DIR``, unless the user set it): measured 2026-12-03 (torch 2.14.1, CPU inductor),
+a demo pretraining compiled with the default kernels and then run with ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` on the same machine reused the cached code and got a NaN loss at iteration 0;
+the other way round the process aborted (glibc "malloc assertion failure", segfaults). With separate
+directories both run. It is decided here because torch sets the variable itself once it is imported.
+
 Environment variables propagate to child processes, so ``torchrun`` workers (``moco_d2.core.launch``),
 the demo's stages and data-loader workers inherit the policy. When torch is already imported (this
 project used as a library from someone else's program) the runtime has read its settings: nothing is
@@ -28,8 +35,10 @@ changed. This module imports nothing but the standard library, so it can run bef
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
+import tempfile
 
 # The variables that select how an OpenMP thread waits; any of them set by the user means "theirs".
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
@@ -44,6 +53,7 @@ def apply_policy() -> dict[str, str]:
     global _applied
     if _applied is not None:
         return _applied
+    separate_compile_cache()
     _applied = {}
     if "torch" in sys.modules or any(os.environ.get(v) for v in WAIT_VARIABLES):
         return _applied
@@ -51,6 +61,25 @@ def apply_policy() -> dict[str, str]:
         os.environ[name] = value
         _applied[name] = value
     return _applied
+
+
+def compile_cache_dir() -> str:
+    """``torch.compile``'s cache directory for this process's CPU kernel set: torch's default location
+    (``<tmp>/torchinductor_<user>``) suffixed with ``ATEN_CPU_CAPABILITY`` and oneDNN's ISA cap."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers): the uid is as unique
+        user = str(os.getuid())
+    kernels = [os.environ.get(v) or "default" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")]
+    name = "_".join(["torchinductor", user, *kernels]).replace(os.sep, "_").lower()
+    return os.path.join(tempfile.gettempdir(), name)
+
+
+def separate_compile_cache() -> None:
+    """Set ``TORCHINDUCTOR_CACHE_DIR`` to :func:`compile_cache_dir` unless it is set (by the user, or by
+    torch, which sets it when imported: then it is too late anyway)."""
+    if "torch" not in sys.modules and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()
 
 
 def describe() -> str:

@@ -64,3 +64,26 @@ def test_library_use_after_torch_is_left_alone():
     code = "import os, torch, pretrain.train; print(os.environ.get('OMP_WAIT_POLICY'))"
     proc = run(["-c", code])
     assert proc.stdout.split() == ["None"] and PASSIVE not in proc.stderr
+
+
+def compile_cache(**extra: str) -> str:
+    """TORCHINDUCTOR_CACHE_DIR as a fresh ``python -c 'import pretrain.train'`` sees it after the import."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", *KERNEL_VARIABLES)}
+    env.update(PYTHONPATH=str(ROOT), **extra)
+    code = "import os, pretrain.train; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def test_each_cpu_kernel_set_compiles_into_its_own_cache():
+    # torch.compile's cache reused across kernel sets gave NaN losses and heap corruption (threads.py)
+    default = compile_cache()
+    avx2 = compile_cache(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    aten_only = compile_cache(ATEN_CPU_CAPABILITY="avx2")
+    assert len({default, avx2, aten_only}) == 3
+    assert compile_cache(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2") == avx2  # stable
+    assert compile_cache(TORCHINDUCTOR_CACHE_DIR="/somewhere/mine") == "/somewhere/mine"  # the user's wins
