@@ -22,7 +22,7 @@ Only the pixel arithmetic differs, and each op is tested against its PIL/torchvi
 * blur: Pillow's six fixed-point box passes (rows, then columns). At whole radius 0 (sigma < sqrt 2)
   each pass is ``round(x + c D)``, D the second difference, one float32 multiply-add that provably
   rounds like Pillow's shift wherever a per-sigma check on all 1021 D passes (~97.5% of sigmas);
-  otherwise one float64 ``filter2D`` whose sums of multiples of 2^-24 are exact, then truncation:
+  otherwise one float64 column filter whose sums of multiples of 2^-24 are exact, then truncation:
   bit-identical;
 * flip, then uint8 -> float conversion fused with the normalisation.
 
@@ -302,15 +302,26 @@ def _unit_box_passes(q: np.ndarray, offset: int, line: int, factor: float) -> No
         cv2.addWeighted(q, 1.0, d, factor, 0.0, dst=q, dtype=cv2.CV_16S)
 
 
+_IDENTITY = np.ones(1)
+
+
+def _column_box_passes(y: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Pillow's three box passes down the columns of a 2-D uint8 array: float64 sums of multiples of
+    2^-24 below 2^8 are exact, the +0.5 is ``delta``, so truncating to uint8 is Pillow's shift."""
+    for _ in range(G.BLUR_PASSES):
+        y = cv2.sepFilter2D(y, cv2.CV_64F, _IDENTITY, kernel, delta=0.5, borderType=cv2.BORDER_REPLICATE)
+        y = y.astype(np.uint8)
+    return y
+
+
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Pillow's GaussianBlur exactly: three box passes along rows then three along columns, each
     ``(ww * window + fw * (two far pixels) + 2^23) >> 24`` with edge replication; HxWxC uint8.
 
     Whole radius 0 (sigma < sqrt 2: the demo's range, 70% of the default one) where the checked factor
     exists: each pass is two int16 differences and one rounded float32 multiply-add
-    (``_unit_box_factor``), ~3x faster than the general path. Otherwise each pass is one float64
-    ``filter2D``, which sums integer multiples of 2^-24 below 2^8 exactly (the +0.5 too, as
-    ``delta``), so truncating to uint8 is Pillow's shift."""
+    (``_unit_box_factor``), ~2.5x faster than the general path. Otherwise each pass is one exact
+    float64 column filter (``_column_box_passes``)."""
     whole, ww, fw = pil_box_weights(sigma)
     factor = _unit_box_factor(fw) if whole == 0 else None
     if factor is not None:
@@ -320,13 +331,12 @@ def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
         _unit_box_passes(q, line, q.size, factor)  # columns: the next row is W C values on
         return q.astype(np.uint8).reshape(x.shape)
     kernel = np.array([fw] + [ww] * (2 * whole + 1) + [fw], dtype=np.float64) * 2.0**-24
-    shape = x.shape
-    for k in (kernel.reshape(1, -1), kernel.reshape(-1, 1)):
-        if k.shape[0] > 1:  # columns: one channel of width 3W filters the same and ~20% faster
-            x = np.ascontiguousarray(x).reshape(shape[0], -1)
-        for _ in range(G.BLUR_PASSES):
-            x = cv2.filter2D(x, cv2.CV_64F, k, delta=0.5, borderType=cv2.BORDER_REPLICATE).astype(np.uint8)
-    return x.reshape(shape)
+    height, width, channels = x.shape
+    # every pass filters the columns of one channel, OpenCV's fastest float64 case (~25% faster than
+    # filter2D): the rows as the columns of the transposed image, then the columns
+    y = _column_box_passes(cv2.transpose(x).reshape(width, height * channels), kernel)
+    y = cv2.transpose(y.reshape(width, height, channels)).reshape(height, width * channels)
+    return _column_box_passes(y, kernel).reshape(x.shape)
 
 
 def hflip(x: np.ndarray) -> np.ndarray:

@@ -255,14 +255,14 @@ BLUR_SIGMAS = [*MULTIPLY_ADD_SIGMAS, 0.1, 0.25, 0.3, 0.45, 0.9, 1.0, 1.3, 1.5, 1
 def blur_path(sigma: float) -> str:
     whole, _, fw = FA.pil_box_weights(sigma)
     if whole:
-        return "filter2D, radius >= 1"
-    return "filter2D, radius 0" if FA._unit_box_factor(fw) is None else "multiply-add"
+        return "column filter, radius >= 1"
+    return "column filter, radius 0" if FA._unit_box_factor(fw) is None else "multiply-add"
 
 
 def test_blur_sigmas_cover_every_path():
     assert [blur_path(s) for s in MULTIPLY_ADD_SIGMAS] == ["multiply-add"] * len(MULTIPLY_ADD_SIGMAS)
     paths = [blur_path(s) for s in BLUR_SIGMAS[len(MULTIPLY_ADD_SIGMAS) :]]
-    assert paths == ["filter2D, radius 0"] * 7 + ["filter2D, radius >= 1"] * 3
+    assert paths == ["column filter, radius 0"] * 7 + ["column filter, radius >= 1"] * 3
     rng = np.random.default_rng(0)  # sigmas as drawn: the multiply-add takes nearly all below sqrt 2
     drawn = [blur_path(s) for s in rng.uniform(0.0125, 1.41, 2000)]
     assert drawn.count("multiply-add") > 0.95 * len(drawn)
@@ -333,27 +333,39 @@ def test_fast_blur_multiply_add_is_the_box_pass_for_every_level_and_difference()
 
 
 def test_fast_blur_tests_catch_a_wrong_neighbour_or_edge():
-    """The images above detect the mistakes this implementation could make: far pixels one step too far
-    (a wrong offset) or rows running into each other (a wrong line length: no edge replication)."""
+    """The images above detect the mistakes either blur path could make: far pixels one step too far,
+    or rows running into each other (a wrong line length: no edge replication between rows)."""
     photo = real_photo(64)
     images = [np.array(natural_image(5, 64, 48) if photo is None else photo), *blur_edge_cases()]
 
-    def blur(arr: np.ndarray, sigma: float, offset: int, line: int) -> np.ndarray:
+    def multiply_add(arr: np.ndarray, sigma: float, mistake: str | None) -> np.ndarray:
+        offset = 6 if mistake == "far pixels two away" else 3
+        line = arr.size if mistake == "one line" else 3 * arr.shape[1]
         factor = FA._unit_box_factor(FA.pil_box_weights(sigma)[2])
         q = arr.astype(np.int16).ravel()
         FA._unit_box_passes(q, offset, line, factor)
         FA._unit_box_passes(q, 3 * arr.shape[1], q.size, factor)
         return q.astype(np.uint8).reshape(arr.shape)
 
-    for sigma in (0.13, 0.6217):
-        caught = {"right": 0, "far pixels two away": 0, "one line": 0}
-        for arr in images:
-            want = np.asarray(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(sigma)))
-            row = 3 * arr.shape[1]
-            caught["right"] += not np.array_equal(blur(arr, sigma, 3, row), want)
-            caught["far pixels two away"] += not np.array_equal(blur(arr, sigma, 6, row), want)
-            caught["one line"] += not np.array_equal(blur(arr, sigma, 3, arr.size), want)
-        assert caught["right"] == 0 and caught["far pixels two away"] > 0 and caught["one line"] > 0, caught
+    def column_filter(arr: np.ndarray, sigma: float, mistake: str | None) -> np.ndarray:
+        whole, ww, fw = FA.pil_box_weights(sigma)
+        gap = [0] * (mistake == "far pixels two away")
+        kernel = np.array([fw, *gap, *[ww] * (2 * whole + 1), *gap, fw]) * 2.0**-24
+        h, w, c = arr.shape
+        y = FA._column_box_passes(cv2.transpose(arr).reshape(w, h * c), kernel)
+        y = cv2.transpose(y.reshape(w, h, c)).reshape(h, w * c)
+        return FA._column_box_passes(y, kernel).reshape(arr.shape)
+
+    for sigma, blur, mistakes in [
+        (0.13, multiply_add, ("far pixels two away", "one line")),
+        (0.6217, multiply_add, ("far pixels two away", "one line")),
+        (0.3, column_filter, ("far pixels two away",)),
+        (1.77, column_filter, ("far pixels two away",)),
+    ]:
+        wants = [np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(sigma))) for a in images]
+        for mistake in (None, *mistakes):
+            differ = sum(not np.array_equal(blur(a, sigma, mistake), w) for a, w in zip(images, wants))
+            assert (differ > 0) == (mistake is not None), (sigma, mistake, differ)
 
 
 def test_fast_blur_weights_are_pillows_on_many_sigmas():
