@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -213,7 +214,8 @@ def test_pillow_hsv_round_trip_is_reproduced_on_a_million_colours():
 
 def test_fast_hsv_tables_and_luma_are_pillow_on_a_million_colours():
     """The fast path's table-driven HSV conversions (and its float32 luma) against Pillow on the same
-    2^20 colours/triples; the full 2^24 sweep of both directions was run once when writing them."""
+    2^20 colours/triples; HSV -> RGB on all 2^24 below, RGB -> HSV's full sweep was run once when
+    writing it."""
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
     rgb[0, :256] = np.arange(256, dtype=np.uint8)[:, None]  # greys
@@ -228,10 +230,142 @@ def test_fast_hsv_tables_and_luma_are_pillow_on_a_million_colours():
     assert np.array_equal(FA.luma(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
 
 
-@pytest.mark.parametrize("sigma", [0.1, 0.45, 0.9, 1.3, 1.77, 2.0])
+def test_fast_hsv_to_rgb_is_pillow_on_every_triple():
+    """The 24-bit fixed-point HSV -> RGB (``_rgb_scale_table``) against Pillow on all 2^24 (h, s, v),
+    in 16 slices of 2^20 (~1 s): its exactness rests on the distance of every ``v K / 255`` from a
+    half-integer, so no sample would do."""
+    low = np.arange(1 << 20, dtype=np.uint32)
+    for top in range(16):
+        code = low + np.uint32(top << 20)
+        hsv = (
+            np.stack([code >> 16, (code >> 8) & 255, code & 255], -1).astype(np.uint8).reshape(1024, 1024, 3)
+        )
+        pil = np.asarray(Image.frombytes("HSV", (1024, 1024), hsv.tobytes()).convert("RGB"))
+        assert np.array_equal(FA.hsv_to_rgb(*(np.ascontiguousarray(hsv[..., c]) for c in range(3))), pil), top
+
+
+# Fixed sigmas over the demo's scaled range (AUG.BLUR_SIGMA [0.0125, 0.25]) and the default [0.1, 2.0],
+# on each of the three paths: whole radius 0 with the checked multiply-add (~97.5% of drawn sigmas
+# below sqrt 2), whole radius 0 without it (round sigmas such as 0.1 give nearly rational weights, a
+# box pass then lands within a few 2^-24 of a rounding tie) and whole radius 1.
+MULTIPLY_ADD_SIGMAS = [0.0125, 0.0371, 0.05, 0.13, 0.1874, 0.22, 0.6217, 1.0593, 1.41]
+BLUR_SIGMAS = [*MULTIPLY_ADD_SIGMAS, 0.1, 0.25, 0.3, 0.45, 0.9, 1.0, 1.3, 1.5, 1.77, 2.0]
+
+
+def blur_path(sigma: float) -> str:
+    whole, _, fw = FA.pil_box_weights(sigma)
+    if whole:
+        return "column filter, radius >= 1"
+    return "column filter, radius 0" if FA._unit_box_factor(fw) is None else "multiply-add"
+
+
+def test_blur_sigmas_cover_every_path():
+    assert [blur_path(s) for s in MULTIPLY_ADD_SIGMAS] == ["multiply-add"] * len(MULTIPLY_ADD_SIGMAS)
+    paths = [blur_path(s) for s in BLUR_SIGMAS[len(MULTIPLY_ADD_SIGMAS) :]]
+    assert paths == ["column filter, radius 0"] * 7 + ["column filter, radius >= 1"] * 3
+    rng = np.random.default_rng(0)  # sigmas as drawn: the multiply-add takes nearly all below sqrt 2
+    drawn = [blur_path(s) for s in rng.uniform(0.0125, 1.41, 2000)]
+    assert drawn.count("multiply-add") > 0.95 * len(drawn)
+
+
+@pytest.mark.parametrize("sigma", BLUR_SIGMAS)
 def test_fast_blur_is_bit_exact(crop, sigma):
     img, arr = crop
     assert levels(img.filter(ImageFilter.GaussianBlur(sigma)), FA.gaussian_blur(arr, sigma)).max() == 0
+
+
+def blur_edge_cases() -> list[np.ndarray]:
+    """Images smaller than the kernel, one pixel wide or high, saturated and maximal-contrast ones."""
+    rng = np.random.default_rng(3)
+    cases = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for h, w in [(1, 1), (1, 6), (6, 1), (2, 3), (3, 200), (200, 3)]
+    ]
+    cases.append(np.full((7, 9, 3), 255, dtype=np.uint8))  # the largest sums: no overflow
+    board = (np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8)
+    cases.append(np.repeat(board[..., None], 3, axis=2))  # every second difference is +-510
+    cases.append(np.where(rng.random((20, 30, 3)) < 0.5, 0, 255).astype(np.uint8))
+    return cases
+
+
+@pytest.mark.parametrize("sigma", [0.0125, 0.13, 0.6217, 0.25, 1.0, 1.77, 5.0])
+def test_fast_blur_is_bit_exact_on_edge_cases(sigma):
+    for arr in blur_edge_cases():
+        want = np.asarray(Image.fromarray(arr).filter(ImageFilter.GaussianBlur(sigma)))
+        assert np.array_equal(FA.gaussian_blur(arr, sigma), want), (sigma, arr.shape)
+
+
+def test_fast_blur_of_one_channel_equals_the_three_channel_blur(crop):
+    """A greyscale view is blurred as one channel (``FastTwoViewTransform``): the same levels."""
+    _, arr = crop
+    for sigma in (0.05, 0.3, 1.9):
+        one = FA.gaussian_blur(FA.to_grayscale(arr, channels=1), sigma)
+        assert one.shape == (*arr.shape[:2], 1)
+        assert np.array_equal(np.repeat(one, 3, axis=2), FA.gaussian_blur(FA.to_grayscale(arr), sigma))
+
+
+def test_fast_blur_multiply_add_is_the_box_pass_for_every_level_and_difference():
+    """Where ``_unit_box_factor`` accepts a sigma, OpenCV's float32 ``x + c D`` rounds to Pillow's pass
+    ``x + ((fw D + 2^23 - eps x) >> 24)`` for all 256 x 1021 (x, D), whatever the array's shape (SIMD
+    tails); where it refuses, the check matters: at sigma 1.0 that rounding is wrong for some pairs."""
+    x, d = np.meshgrid(np.arange(256), np.arange(-510, 511), indexing="ij")
+    rng = np.random.default_rng(0)
+    accepted = 0
+    for sigma in [*MULTIPLY_ADD_SIGMAS, *rng.uniform(0.0125, 1.41, 20)]:
+        whole, ww, fw = FA.pil_box_weights(float(sigma))
+        factor = FA._unit_box_factor(fw)
+        if factor is None:
+            continue
+        accepted += 1
+        eps = (1 << 24) - ww - 2 * fw
+        want = x + ((fw * d + (1 << 23) - eps * x) >> 24)
+        for width in (1021, 255, 37):
+            q, dd = (
+                a.astype(np.int16).ravel()[: width * (a.size // width)].reshape(-1, width) for a in (x, d)
+            )
+            got = cv2.addWeighted(q, 1.0, dd, factor, 0.0, dtype=cv2.CV_16S)
+            assert np.array_equal(got.ravel(), want.ravel()[: got.size]), (sigma, width)
+    assert accepted >= 24
+    whole, ww, fw = FA.pil_box_weights(1.0)
+    assert FA._unit_box_factor(fw) is None and (1 << 24) - ww - 2 * fw == 1
+    naive = cv2.addWeighted(x.astype(np.int16), 1.0, d.astype(np.int16), fw * 2.0**-24, 0.0, dtype=cv2.CV_16S)
+    assert not np.array_equal(naive, x + ((fw * d + (1 << 23) - x) >> 24))
+
+
+def test_fast_blur_tests_catch_a_wrong_neighbour_or_edge():
+    """The images above detect the mistakes either blur path could make: far pixels one step too far,
+    or rows running into each other (a wrong line length: no edge replication between rows)."""
+    photo = real_photo(64)
+    images = [np.array(natural_image(5, 64, 48) if photo is None else photo), *blur_edge_cases()]
+
+    def multiply_add(arr: np.ndarray, sigma: float, mistake: str | None) -> np.ndarray:
+        offset = 6 if mistake == "far pixels two away" else 3
+        line = arr.size if mistake == "one line" else 3 * arr.shape[1]
+        factor = FA._unit_box_factor(FA.pil_box_weights(sigma)[2])
+        q = arr.astype(np.int16).ravel()
+        FA._unit_box_passes(q, offset, line, factor)
+        FA._unit_box_passes(q, 3 * arr.shape[1], q.size, factor)
+        return q.astype(np.uint8).reshape(arr.shape)
+
+    def column_filter(arr: np.ndarray, sigma: float, mistake: str | None) -> np.ndarray:
+        whole, ww, fw = FA.pil_box_weights(sigma)
+        gap = [0] * (mistake == "far pixels two away")
+        kernel = np.array([fw, *gap, *[ww] * (2 * whole + 1), *gap, fw]) * 2.0**-24
+        h, w, c = arr.shape
+        y = FA._column_box_passes(cv2.transpose(arr).reshape(w, h * c), kernel)
+        y = cv2.transpose(y.reshape(w, h, c)).reshape(h, w * c)
+        return FA._column_box_passes(y, kernel).reshape(arr.shape)
+
+    for sigma, blur, mistakes in [
+        (0.13, multiply_add, ("far pixels two away", "one line")),
+        (0.6217, multiply_add, ("far pixels two away", "one line")),
+        (0.3, column_filter, ("far pixels two away",)),
+        (1.77, column_filter, ("far pixels two away",)),
+    ]:
+        wants = [np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(sigma))) for a in images]
+        for mistake in (None, *mistakes):
+            differ = sum(not np.array_equal(blur(a, sigma, mistake), w) for a, w in zip(images, wants))
+            assert (differ > 0) == (mistake is not None), (sigma, mistake, differ)
 
 
 def test_fast_blur_weights_are_pillows_on_many_sigmas():
