@@ -29,6 +29,7 @@ from functools import cache
 from pathlib import Path
 
 from moco_d2.core.backbone import ARCHS
+from moco_d2.core.threads import ONEDNN_ISA_VARIABLES
 
 # CPU flags (Linux /proc/cpuinfo names) of hardware bf16 dot products oneDNN uses for convolutions.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -54,7 +55,7 @@ def _cpu_flags() -> frozenset[str]:
 
 def native_bf16() -> bool:
     """True when oneDNN may run bf16 convolutions in hardware on this CPU."""
-    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+    for variable in ONEDNN_ISA_VARIABLES:
         if os.environ.get(variable, "").upper() in ISAS_WITHOUT_BF16:
             return False
     return bool(BF16_FLAGS & _cpu_flags())

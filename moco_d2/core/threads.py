@@ -43,6 +43,9 @@ import tempfile
 # The variables that select how an OpenMP thread waits; any of them set by the user means "theirs".
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+# The variables that pick a CPU kernel set: ATen's, then oneDNN's ISA cap (current name, then its older one).
+ATEN_CAPABILITY_VARIABLE = "ATEN_CPU_CAPABILITY"
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 _applied: dict[str, str] | None = None
 
@@ -70,7 +73,8 @@ def compile_cache_dir() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (containers): the uid is as unique
         user = str(os.getuid())
-    kernels = [os.environ.get(v) or "default" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")]
+    onednn = next((os.environ[v] for v in ONEDNN_ISA_VARIABLES if os.environ.get(v)), "")
+    kernels = [os.environ.get(ATEN_CAPABILITY_VARIABLE) or "default", onednn or "default"]
     name = "_".join(["torchinductor", user, *kernels]).replace(os.sep, "_").lower()
     return os.path.join(tempfile.gettempdir(), name)
 

@@ -7,6 +7,7 @@ import torch
 
 from moco_d2.core import cpu
 from moco_d2.core.config import pretrain_defaults
+from moco_d2.core.threads import ONEDNN_ISA_VARIABLES
 from pretrain.train import amp_dtype_for, channels_last_for
 
 CPU = torch.device("cpu")
@@ -17,7 +18,7 @@ AVX2_FLAGS = frozenset({"fpu", "avx2", "fma"})
 @pytest.fixture
 def flags(monkeypatch):
     """Pretend to run on a CPU with the given /proc/cpuinfo flags, without ISA caps from the environment."""
-    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+    for variable in ONEDNN_ISA_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
 
     def use(cpu_flags: frozenset[str]) -> None:

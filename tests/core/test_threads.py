@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from moco_d2.core.threads import ATEN_CAPABILITY_VARIABLE, ONEDNN_ISA_VARIABLES
+
+KERNEL_VARIABLES = (ATEN_CAPABILITY_VARIABLE, *ONEDNN_ISA_VARIABLES)
+
 ROOT = Path(__file__).resolve().parents[2]
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 PASSIVE = "GOMP_SPINCOUNT = '0'"
@@ -74,9 +78,6 @@ def compile_cache(**extra: str) -> str:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
-
-
-KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def test_each_cpu_kernel_set_compiles_into_its_own_cache():
