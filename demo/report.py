@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from demo.plan import PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
+from demo.plan import MACHINE_FILE, PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
 from demo.stages import fmt_seconds
 from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import read_metrics
@@ -44,8 +44,11 @@ def _machine_line() -> str:
                 break
     except OSError:
         pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{os.cpu_count()} CPU cores, {model}, ATen kernels {capability}"
+    from moco_d2.core.threads import ONEDNN_ISA_VARIABLES
+
+    line = f"{os.cpu_count()} CPU cores, {model}, ATen kernels {torch.backends.cpu.get_cpu_capability()}"
+    onednn = next((f"{v}={os.environ[v]}" for v in ONEDNN_ISA_VARIABLES if os.environ.get(v)), None)
+    return f"{line} ({onednn})" if onednn else line
 
 
 def _lincls_recipe(plan: Plan) -> str:
@@ -386,6 +389,9 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         shutil.copyfile(drawn, grid_png)
     _plot_ap(table, ap_png)
     total = sum(r.get("seconds", 0.0) for r in records.values())
+    # The machine this work dir's numbers came from, for `python -m demo.compare` to label its runs.
+    machine = f"{_machine_line()}, torch {torch.__version__}\n".encode()
+    atomic_write(plan.work / MACHINE_FILE, lambda f: f.write(machine), what="machine line")
 
     md = [f"# MoCo v2 demo report ({plan.preset})", ""]
     md += [
