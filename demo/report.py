@@ -365,6 +365,20 @@ def _rank_section(ranks: dict | None, table: dict) -> list[str]:
 
 # Long (154 lines): the report's sections in reading order, one markdown block each; splitting it would
 # scatter the page a reader checks against the report top to bottom.
+def _kept_comparisons(old_report: Path, new_md: list[str]) -> list[str]:
+    """The "Reruns and kernel sets" block of the previous report (``demo.compare --write-into``), kept when
+    the results table it was measured against is unchanged; dropped otherwise, as it would be stale."""
+    from demo.compare import BEGIN, END
+
+    if not old_report.is_file():
+        return []
+    old = old_report.read_text()
+    new = "\n".join(new_md)
+    if BEGIN not in old or "<!-- /RESULTS -->" not in old or parse_table(old) != parse_table(new):
+        return []
+    return [BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END, ""]
+
+
 def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elapsed: float) -> Path:
     """Write ``plan.report_dir/report.md`` and its plots; returns the report's path."""
     import torch
@@ -441,6 +455,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         "",
         *[f"- {line}" for line in _findings(table, raw_knn, spread)],
         "",
+        *_kept_comparisons(out_dir / "report.md", md),
         "For shape only (not comparable in scale), the papers' numbers: ResNet-50, ImageNet-1M, 200 epochs; "
         "VOC07+12 R50-C4 24k iterations (MoCo v2 Table 2; random init from MoCo Table 2):",
         "",

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from demo.compare import BEGIN, END
 from demo.diagnostics import effective_rank
-from demo.report import _findings, _rank_section, pretrain_curves
+from demo.report import _findings, _kept_comparisons, _rank_section, pretrain_curves
 from demo.stages import detectron2_progress, epoch_progress, probe_progress, two_pass_progress
 from demo.transfer import detectron2_name, is_pretrainable
 
@@ -178,3 +179,26 @@ def test_compare_reports_identical_runs_and_the_largest_difference(tmp_path, cap
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["demo_compare"]
     assert line["identical"] is False and line["max_abs_diff"]["AP"] == 0.25
     assert line["max_abs_diff"]["kNN top-1"] == 0.0
+
+    # --write-into records each comparison as one row per pair of machines, replacing an older row
+    (tmp_path / "a" / "machine.txt").write_text("cpu X, ATen kernels AVX512\n")
+    (tmp_path / "c" / "machine.txt").write_text("cpu X, ATen kernels AVX2\n")
+    report = tmp_path / "report.md"
+    results = "<!-- RESULTS -->\n| pretraining | AP |\n|---|---:|\n| MoCo v2 | 20.0 |\n<!-- /RESULTS -->\n"
+    report.write_text(f"# r\n\n{results}\nfindings\n\n## Pretraining curves\n\ncurves\n")
+    for other in ("b", "c", "c"):
+        compare_main(
+            [str(tmp_path / "a"), str(tmp_path / other), "--preset", "smoke", "--write-into", str(report)]
+        )
+    text = report.read_text()
+    rows = [r for r in text.split(BEGIN)[1].split(END)[0].splitlines() if r.startswith("| cpu")]
+    assert rows == [
+        f"| cpu X, ATen kernels AVX512 | (no machine.txt in {tmp_path / 'b'}) | yes | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |",
+        "| cpu X, ATen kernels AVX512 | cpu X, ATen kernels AVX2 | no | 0.00 | 0.00 | 0.25 | 0.25 | 0.25 |",
+    ]
+    assert text.index(END) < text.index("## Pretraining curves") and text.count(BEGIN) == 1
+
+    # a regenerated report keeps the block while its results table is unchanged, and drops it otherwise
+    assert _kept_comparisons(report, [results])[0].startswith(BEGIN)
+    assert _kept_comparisons(report, [results.replace("20.0", "20.1")]) == []
+    assert _kept_comparisons(tmp_path / "missing.md", [results]) == []
