@@ -20,7 +20,7 @@ OPTS ?=
 TORCHRUN = $(PY) -m moco_d2.core.launch --nproc_per_node=$(NGPUS) --nnodes=$(NNODES) \
 	--node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
-.PHONY: install test test-matrix lint pretrain lincls knn convert voc demo demo-data plot bench bench-gpu clean-venv
+.PHONY: install photos test test-matrix lint pretrain lincls knn convert voc demo demo-data plot bench bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -42,10 +42,26 @@ $(STAMP): requirements.txt pyproject.toml
 clean-venv:
 	rm -rf $(VENV)
 
-test: $(STAMP)
+# Real photos for the augmentation tests and bench_augment (Debian's lomiri-wallpapers, 30 MB of JPEGs in
+# /usr/share/backgrounds): installed when missing and we are root with apt-get (as the demo installs its
+# data); otherwise the photo cases are skipped, with the reason printed by pytest.
+PHOTOS_DIR := /usr/share/backgrounds
+photos:
+	@if ! ls $(PHOTOS_DIR)/*.jpg >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's lomiri-wallpapers (real photos for the augmentation tests)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q lomiri-wallpapers >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q lomiri-wallpapers >/dev/null 2>&1; } || \
+	    echo "could not install lomiri-wallpapers: the real-photo test cases will be skipped"; \
+	  else \
+	    echo "no photos in $(PHOTOS_DIR): the real-photo test cases will be skipped (sudo apt-get install lomiri-wallpapers)"; \
+	  fi; \
+	fi
+
+test: $(STAMP) photos
 	$(PY) -m pytest -q tests
 
-test-matrix: $(STAMP)  # the suite under every x86-64 kernel set, 1/default threads, and on a busy machine
+test-matrix: $(STAMP) photos  # the suite under every x86-64 kernel set, 1/default threads, and on a busy machine
 	PY=$(PY) bash tests/run_matrix.sh
 
 lint: $(STAMP)
@@ -89,7 +105,7 @@ RUNS ?= $(OUTPUT)
 plot: $(STAMP)  # curves of one or more runs: make plot RUNS="output/pretrain output/moco800"
 	$(PY) -m moco_d2.core.plot $(RUNS)
 
-bench: $(STAMP)  # the CPU benches (bench/README.md); ~30 min on a loaded 2-core machine
+bench: $(STAMP) photos  # the CPU benches (bench/README.md); ~30 min on a loaded 2-core machine
 	$(PY) -m bench.bench_augment --images 64 --rounds 5
 	$(PY) -m bench.bench_step --device cpu --arch resnet18 --image-size 32 --batch-sizes 256 --K 4096 \
 		--bn-splits 1 8 --steps 2 --rounds 3 --warmup 1 --bf16
