@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rounding import ratio_within_rounding
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
@@ -56,13 +57,13 @@ def test_every_row_is_printed_next_to_the_official_step(run):
         for r in rows:
             med, lo, hi = r["images_per_s"]
             assert 0 < lo <= med <= hi
-            assert r["ratio_vs_official"] == pytest.approx(med / official, rel=0.01)  # from the printed rates
+            assert ratio_within_rounding(r["ratio_vs_official"], med, official, ratio_decimals=3)
             # the table row: the same rates and the ratio to 2 decimals
             pattern = rf"^\s*{key}\s+{r['batch']}\s+{r['bn_splits']}\s+{re.escape(r['mode'])}\s+"
             pattern += rf"{med:.1f} \({lo:.1f}-{hi:.1f}\)\s+(\d+\.\d\d)x"
             printed = re.search(pattern, stdout, re.MULTILINE)
             assert printed, (pattern, stdout)
-            assert float(printed.group(1)) == pytest.approx(med / official, abs=0.011)
+            assert ratio_within_rounding(float(printed.group(1)), med, official)
     # plain BN, same weights and inputs: the shuffle permutation cannot change the first loss
     assert b32[1]["first_loss"] == pytest.approx(b32[0]["first_loss"], abs=1e-3)
     assert b32[2]["first_loss"] == pytest.approx(b32[1]["first_loss"], abs=1e-4)
@@ -86,7 +87,12 @@ def test_projection_is_labelled_and_follows_from_the_measured_rates(run):
     for r in rows:
         rate = measured[("split8" if r["gpus"] == 1 else "b32", r["mode"])]
         assert r["images_per_s_per_gpu"] == rate
-        assert r["hours"] == pytest.approx(200 * 1_281_167 / (r["gpus"] * rate) / 3600, rel=1e-3)
+        # The JSON rounds the rate to 0.1 img/s and the hours to 0.01, so the true rate lies within 0.05 of
+        # `rate` and the hours within a relative 0.05 / (rate - 0.05) of the value recomputed from it: the
+        # tolerance follows from that rounding (large on a slow CPU), never from the machine's speed.
+        assert rate > 0.05
+        rel = 0.05 / (rate - 0.05) + 1e-9
+        assert r["hours"] == pytest.approx(200 * 1_281_167 / (r["gpus"] * rate) / 3600, rel=rel, abs=0.005)
 
 
 def test_fewer_than_three_rounds_is_refused():
