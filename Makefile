@@ -43,20 +43,10 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Real photos for the augmentation tests and bench_augment (Debian's lomiri-wallpapers, 30 MB of JPEGs in
-# /usr/share/backgrounds): installed when missing and we are root with apt-get (as the demo installs its
-# data); otherwise the photo cases are skipped, with the reason printed by pytest.
-PHOTOS_DIR := /usr/share/backgrounds
-photos:
-	@if ! ls $(PHOTOS_DIR)/*.jpg >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian's lomiri-wallpapers (real photos for the augmentation tests)"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q lomiri-wallpapers >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q lomiri-wallpapers >/dev/null 2>&1; } || \
-	    echo "could not install lomiri-wallpapers: the real-photo test cases will be skipped"; \
-	  else \
-	    echo "no photos in $(PHOTOS_DIR): the real-photo test cases will be skipped (sudo apt-get install lomiri-wallpapers)"; \
-	  fi; \
-	fi
+# /usr/share/backgrounds): installed when missing and allowed (root with apt-get, as the demo installs its
+# data); otherwise the photo cases are skipped, with the reason printed.
+photos: $(STAMP)
+	@$(PY) -m moco_d2.core.debian lomiri-wallpapers '/usr/share/backgrounds/*.jpg' "the real-photo test cases"
 
 test: $(STAMP) photos
 	$(PY) -m pytest -q tests

@@ -7,13 +7,11 @@ missing, either installs the package (as root) or says exactly what to run.
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
+from moco_d2.core import debian
 from moco_d2.core.errors import UserError
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -71,15 +69,10 @@ def ensure_installed(source_dir: Path = DEFAULT_DIR) -> Path:
         return source_dir
     if source_dir != DEFAULT_DIR:
         raise UserError(f"{missing[0]}: missing (expected the Fashion-MNIST IDX files in {source_dir})")
-    can_install = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") is not None
-    if not can_install:
+    if not debian.can_install():
         raise UserError(f"{missing[0]} not found: install Fashion-MNIST with `{INSTALL_COMMAND}`")
     print(f"Fashion-MNIST not found; installing the Debian package {DEBIAN_PACKAGE} ...", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    ok = subprocess.run(["apt-get", "install", "-y", DEBIAN_PACKAGE], env=env).returncode == 0
-    if not ok:  # the package lists may be stale on a fresh machine
-        subprocess.run(["apt-get", "update"], env=env)
-        ok = subprocess.run(["apt-get", "install", "-y", DEBIAN_PACKAGE], env=env).returncode == 0
+    ok = debian.install(DEBIAN_PACKAGE)
     missing = [p for p in wanted if not p.is_file()]
     if not ok or missing:
         raise UserError(f"could not install {DEBIAN_PACKAGE}; run `{INSTALL_COMMAND}` and retry")

@@ -16,6 +16,7 @@ from PIL import Image
 from demo import data as demo_data
 from demo import fashion_mnist
 from demo.fashion_mnist import CLASS_NAMES
+from moco_d2.core import debian
 from moco_d2.core.errors import UserError
 
 
@@ -68,7 +69,7 @@ def test_read_idx_roundtrip_and_errors(tmp_path):
 
 def test_missing_package_without_root_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEFAULT_DIR", tmp_path / "absent")
-    monkeypatch.setattr(fashion_mnist.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
     with pytest.raises(UserError, match="sudo apt-get install -y dataset-fashion-mnist"):
         fashion_mnist.ensure_installed(tmp_path / "absent")
 

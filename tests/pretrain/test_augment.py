@@ -420,20 +420,12 @@ def test_fast_flip_and_normalise_are_exact(crop):
 # ---------------------------------------------------------------- fast path end to end
 
 
-@pytest.mark.parametrize("name", ["mocov2", "mocov1"])
-def test_fast_makes_the_same_draws_and_nearly_the_same_pixels(name):
-    """Same seed -> same crops/factors/orders/decisions (RNG streams end in the same state) -> same views.
-
-    Every op after the resize is bit-exact, so the only difference is the resize's (<= 1 level, on a
-    few % of pixels), carried through the later ops: a contrast/saturation factor up to 1.4 scales it,
-    the hue round trip can move a 1-level change in one channel by a few levels in another. Bounds:
-    the mean stays far below one level; max and p99.9 are printed (pytest -s). The next test checks
-    that nothing but the resize differs."""
+def paired_views(name: str):
+    """(reference views, fast views, RNG streams ended equal) for 12 images (real photos when installed,
+    synthetic ones otherwise), each pair drawn from the same seeds."""
     ref = TwoCropsTransform(mocov2_reference(64) if name == "mocov2" else mocov1_reference(64))
     fast = FA.FastTwoViewTransform(name, 64)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     photo = real_photo(200)
-    diffs = []
     for i in range(12):
         img = photo if (photo is not None and i % 2) else natural_image(100 + i)
         torch.manual_seed(i)
@@ -443,9 +435,27 @@ def test_fast_makes_the_same_draws_and_nearly_the_same_pixels(name):
         torch.manual_seed(i)
         random.seed(i)
         b = fast(img)
-        assert (torch.rand(1).item(), random.random()) == state
-        for u, v in zip(a, b):
-            diffs.append(((u - v).abs() * std * 255).numpy().ravel())  # back to 8-bit levels
+        yield a, b, (torch.rand(1).item(), random.random()) == state
+
+
+def levels_apart(u: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """|u - v| of two normalised views, back in 8-bit levels."""
+    return ((u - v).abs() * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255).numpy().ravel()
+
+
+@pytest.mark.parametrize("name", ["mocov2", "mocov1"])
+def test_fast_makes_the_same_draws_and_nearly_the_same_pixels(name):
+    """Same seed -> same crops/factors/orders/decisions (RNG streams end in the same state) -> same views.
+
+    Every op after the resize is bit-exact, so the only difference is the resize's (<= 1 level, on a
+    few % of pixels), carried through the later ops: a contrast/saturation factor up to 1.4 scales it,
+    the hue round trip can move a 1-level change in one channel by a few levels in another. Bounds:
+    the mean stays far below one level; max and p99.9 are printed (pytest -s). The next test checks
+    that nothing but the resize differs."""
+    diffs = []
+    for a, b, same_draws in paired_views(name):
+        assert same_draws
+        diffs += [levels_apart(u, v) for u, v in zip(a, b)]
     d = np.concatenate(diffs)
     report(f"end to end {name}", d)
     assert d.mean() < 0.3  # measured 0.05-0.07 on photos and on synthetic images
@@ -463,20 +473,9 @@ def test_fast_equals_the_reference_given_pils_resize(name, monkeypatch):
     equal the reference's on every pixel (photos and synthetic images), so every difference measured
     above comes from the resize. Only float32 normalisation rounding is allowed (~1e-5 of a level)."""
     monkeypatch.setattr(FA, "resized_crop", _pil_resized_crop)
-    ref = TwoCropsTransform(mocov2_reference(64) if name == "mocov2" else mocov1_reference(64))
-    fast = FA.FastTwoViewTransform(name, 64)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    photo = real_photo(200)
-    for i in range(12):
-        img = photo if (photo is not None and i % 2) else natural_image(100 + i)
-        torch.manual_seed(i)
-        random.seed(i)
-        a = ref(img)
-        torch.manual_seed(i)
-        random.seed(i)
-        b = fast(img)
+    for a, b, _ in paired_views(name):
         for u, v in zip(a, b):
-            assert float(((u - v).abs() * std * 255).max()) < 1e-3
+            assert float(levels_apart(u, v).max()) < 1e-3
 
 
 def test_fast_accepts_grayscale_images():
