@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from moco_d2.core.errors import UserError
 from moco_d2.core.images import SafeImageFolder, check_bad_fraction, mix_seed, seeded_rng
@@ -60,7 +60,8 @@ class PretrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         img, _, skipped = self.images.load(index)
-        with seeded_rng(mix_seed(self.seed, SAMPLE_STREAM, epoch, index)):
+        # a loader worker need not restore its global RNG states: only these samples draw from them
+        with seeded_rng(mix_seed(self.seed, SAMPLE_STREAM, epoch, index), restore=get_worker_info() is None):
             view_q, view_k = self.transform(img)
         return view_q, view_k, "\n".join(skipped)
 

@@ -87,6 +87,18 @@ def test_seeded_rng_is_pure_and_restores_global_state():
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == before
 
 
+def test_seeded_rng_without_restore_draws_the_same():
+    """The loader workers' form: the same draws, the seeded states left in place."""
+    with seeded_rng(123):
+        restored = (random.random(), np.random.rand(), torch.rand(()).item())
+    with seeded_rng(123, restore=False):
+        kept = (random.random(), np.random.rand(), torch.rand(()).item())
+    after = (random.random(), np.random.rand(), torch.rand(()).item())
+    with seeded_rng(123):
+        expected_after = [(random.random(), np.random.rand(), torch.rand(()).item()) for _ in range(2)][1]
+    assert kept == restored and after == expected_after
+
+
 def test_views_depend_only_on_seed_epoch_index(tmp_path):
     make_image_folder(tmp_path, classes=2, per_class=4)
     ds = PretrainDataset(SafeImageFolder(tmp_path), TinyTwoViews(32), seed=3)
