@@ -432,8 +432,8 @@ def sample_crop(height: int, width: int, scale: Sequence[float]) -> tuple[int, i
 
 
 class FastTwoViewTransform:
-    """Two augmented views, the reference recipe's draws and (but for the resize) pixels, ~2.3-2.6x
-    cheaper on CPU (224², real photos, loaded machine; ~1.5x at 28²: ``bench/bench_augment.py``)."""
+    """Two augmented views, the reference recipe's draws and (but for the resize) pixels, 2.1-2.8x
+    cheaper on CPU by the machine (224², real photos; ~1.5x at 28²: ``bench/bench_augment.py``)."""
 
     def __init__(
         self,
