@@ -272,6 +272,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                         *plan.detection_opts(det_seed),
                     ),  # fmt: skip
                     progress=detectron2_progress(_max_iter(cfg)),
+                    short_spin=True,  # the detector's many small ops: 1.4-1.6x faster, same AP
                     summary=lambda out=out: "AP50 {AP50:.1f}, AP {AP:.1f}, AP75 {AP75:.1f}".format(
                         **_json(out / "metrics.json")
                     ),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from moco_d2.core.errors import UserError
 from moco_d2.core.io import write_json_atomic
+from moco_d2.core.threads import short_spin_environment
 
 # Fraction of a stage done, read from the tail of its log; None when the log says nothing yet.
 ProgressFn = Callable[[str], float | None]
@@ -43,6 +44,8 @@ class Stage:
     display: str = ""
     is_done: Callable[[], bool] | None = None  # a stricter completion test than ``done`` existing
     threads: int | None = None  # intra-op threads of this child (None: the Runner's)
+    # a short bounded OpenMP spin instead of the passive wait (moco_d2.core.threads.SHORT_SPIN): numbers unchanged
+    short_spin: bool = False
 
     def finished(self) -> bool:
         return self.is_done() if self.is_done is not None else self.done.exists()
@@ -173,6 +176,8 @@ class Runner:
         # wait policy (moco_d2.core.threads, applied when the demo package loaded) is in os.environ.
         threads = str(stage.threads or self.threads)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if stage.short_spin:
+            env = short_spin_environment(env)
         with open(log_path, "ab") as logf:
             logf.write(f"\n$ {stage.command_line()}\n".encode())
             logf.flush()

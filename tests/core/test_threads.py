@@ -88,3 +88,23 @@ def test_each_cpu_kernel_set_compiles_into_its_own_cache():
     assert len({default, avx2, aten_only}) == 3
     assert compile_cache(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2") == avx2  # stable
     assert compile_cache(TORCHINDUCTOR_CACHE_DIR="/somewhere/mine") == "/somewhere/mine"  # the user's wins
+
+
+SPAWN_WITH_SHORT_SPIN = (
+    "import os, subprocess, sys\n"
+    "import demo  # applies the project's policy before torch loads\n"
+    "from moco_d2.core.threads import short_spin_environment\n"
+    "env = short_spin_environment(dict(os.environ))\n"
+    "sys.exit(subprocess.run([sys.executable, '-c', 'import torch'], env=env).returncode)\n"
+)
+
+
+def test_short_spin_children_spin_briefly_unless_the_user_chose():
+    """The demo's detection stages: libgomp in the child spins SHORT_SPIN iterations, not 0, not 300,000;
+    a user's own wait policy reaches the child unchanged."""
+    from moco_d2.core.threads import SHORT_SPIN
+
+    spin = f"GOMP_SPINCOUNT = '{SHORT_SPIN['GOMP_SPINCOUNT']}'"
+    assert spin in run(["-c", SPAWN_WITH_SHORT_SPIN]).stderr
+    err = run(["-c", SPAWN_WITH_SHORT_SPIN], OMP_WAIT_POLICY="ACTIVE").stderr
+    assert spin not in err and PASSIVE not in err
