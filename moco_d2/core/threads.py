@@ -6,7 +6,9 @@ once, when ``import torch`` loads it. Left alone, a libgomp thread that waits fo
 worker, another job, a CI neighbour) the spinning threads steal it, worst in the many tiny ops of an
 8-way split batch norm. Measured on a shared 2-core machine (bench/README.md, "CPU results"): a
 demo-scale pretraining run with one other busy process took about twice as long with the default as
-with ``OMP_WAIT_POLICY=PASSIVE``, and passive waiting costs nothing on a quiet machine.
+with ``OMP_WAIT_POLICY=PASSIVE``, and passive waiting cost the trainer nothing on a quiet machine.
+(A quiet machine running Detectron2's small-image C4 detector is the exception: it pays each passive
+wake-up hundreds of times per iteration, so the demo runs those stages with :data:`SHORT_SPIN`.)
 
 So :func:`apply_policy`, called by each package's ``__init__`` (``moco_d2``, ``pretrain``,
 ``convert``, ``detection``, ``demo``, ``bench``) and at the top of ``detection/train_net.py``, sets
