@@ -69,8 +69,8 @@ def apply_policy() -> dict[str, str]:
 
 
 # A bounded spin (libgomp iterations, then sleep) for a child that has the machine to itself and runs many
-# small ops: Detectron2's C4 detector at the demo's scale waits ~0.1 ms between parallel regions, so each
-# passive wake-up is paid hundreds of times per iteration. Measured on a quiet 2-core Intel Xeon
+# small ops: Detectron2's C4 detector at the demo's scale runs hundreds of short parallel regions per
+# iteration, and with the passive wait every one of them first wakes its sleeping threads. Measured on a quiet 2-core Intel Xeon
 # (2026-12-04, the demo's detector, 78 iterations, 2 threads + 1 loader worker): 0.28-0.31 s/it passive,
 # 0.22 at 3,000, 0.20 at 30,000, 0.18-0.19 at libgomp's default 300,000; the same AP to the last digit.
 SHORT_SPIN = {"GOMP_SPINCOUNT": "30000"}
