@@ -42,11 +42,11 @@ $(STAMP): requirements.txt pyproject.toml
 clean-venv:
 	rm -rf $(VENV)
 
-# Real photos for the augmentation tests and bench_augment (Debian's lomiri-wallpapers, 30 MB of JPEGs in
-# /usr/share/backgrounds): installed when missing and allowed (root with apt-get, as the demo installs its
-# data); otherwise the photo cases are skipped, with the reason printed.
+# Real photos for the augmentation tests and bench_augment (moco_d2/core/debian.py: PHOTO_PACKAGE in
+# PHOTO_DIR): installed when missing and allowed (root with apt-get, as the demo installs its data);
+# otherwise the photo cases are skipped, with the reason printed.
 photos: $(STAMP)
-	@$(PY) -m moco_d2.core.debian lomiri-wallpapers '/usr/share/backgrounds/*.jpg' "the real-photo test cases"
+	@$(PY) -m moco_d2.core.debian photos
 
 test: $(STAMP) photos
 	$(PY) -m pytest -q tests

@@ -23,16 +23,15 @@ import torch
 from PIL import Image
 
 from bench.common import environment, make_jpegs, print_json, print_table, timed_rounds
+from moco_d2.core import debian
 from pretrain.augment.device import GPUAugment
 from pretrain.augment.reference import TwoCropsTransform, mocov1_reference, mocov2_reference
-
-PHOTO_DIR = Path("/usr/share/backgrounds")  # Debian lomiri-wallpapers-16.04 / -20.04 (JPEG photos)
 
 
 def real_jpegs(folder: str, count: int) -> list[Path]:
     """``count`` ImageNet-sized JPEGs (longer side 500, quality 90) cut from the real photographs of
     Debian's lomiri-wallpapers packages; [] when none are installed."""
-    photos = sorted(PHOTO_DIR.glob("*.jpg")) if PHOTO_DIR.is_dir() else []
+    photos = debian.photos()
     paths: list[Path] = []
     for i in range(count if photos else 0):
         with Image.open(photos[i % len(photos)]) as im:
@@ -119,7 +118,9 @@ def cpu_pipelines(images: int, rounds: int, s: int) -> tuple[list[list[object]],
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = real_jpegs(tmp, images)
-        source = f"real photos ({PHOTO_DIR}, Debian lomiri-wallpapers)" if paths else "synthetic JPEGs"
+        source = (
+            f"real photos ({debian.PHOTO_DIR}, Debian {debian.PHOTO_PACKAGE})" if paths else "synthetic JPEGs"
+        )
         if not paths:
             paths = make_jpegs(tmp, images)
         fns = {

@@ -2,7 +2,8 @@
 
 Only as root with apt-get: anyone else gets the exact command instead of a password prompt in the middle
 of ``make``. ``python -m moco_d2.core.debian PACKAGE GLOB WHAT`` installs PACKAGE unless GLOB matches a
-file, and otherwise says that WHAT will be skipped; it never fails the caller.
+file, and otherwise says that WHAT will be skipped; it never fails the caller. ``... debian photos`` is
+that for the photos below.
 """
 
 from __future__ import annotations
@@ -12,6 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+# Real photographs for the augmentation tests and bench: Debian's lomiri-wallpapers (-16.04 / -20.04), ~30 MB
+# of JPEGs. ``make test`` installs them when allowed (``python -m moco_d2.core.debian photos``).
+PHOTO_PACKAGE = "lomiri-wallpapers"
+PHOTO_DIR = Path("/usr/share/backgrounds")
+
+
+def photos() -> list[Path]:
+    """The installed photos, sorted; [] when the package is absent."""
+    return sorted(PHOTO_DIR.glob("*.jpg")) if PHOTO_DIR.is_dir() else []
 
 
 def can_install() -> bool:
@@ -32,7 +44,10 @@ def install(package: str, quiet: bool = False) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    package, pattern, what = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["photos"]:
+        args = [PHOTO_PACKAGE, str(PHOTO_DIR / "*.jpg"), "the real-photo test cases"]
+    package, pattern, what = args
     if glob.glob(pattern):
         return 0
     if not can_install():

@@ -318,6 +318,12 @@ def mix_seed(*values: int) -> int:
     )
 
 
+def _seed_all(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
 @contextmanager
 def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
     """Seed torch (CPU), ``random`` and numpy for the block; the previous global states come back after it.
@@ -328,16 +334,12 @@ def seeded_rng(seed: int, restore: bool = True) -> Iterator[None]:
     restoring them (numpy's alone ~90 us) would be a tenth of a 28 px sample's cost.
     """
     if not restore:
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
+        _seed_all(seed)
         yield
         return
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
+        _seed_all(seed)
         try:
             yield
         finally:

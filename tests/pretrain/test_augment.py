@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -15,6 +14,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 from torchvision import transforms
 
+from moco_d2.core import debian
 from moco_d2.core.errors import UserError
 from moco_d2.core.images import build_eval_transform, build_lincls_train_transform
 from pretrain.augment import build_pretrain_transform
@@ -126,12 +126,10 @@ def test_eval_and_lincls_transforms():
 
 # ---------------------------------------------------------------- fast path: each op on fixed parameters
 
-PHOTO_DIR = Path("/usr/share/backgrounds")  # Debian lomiri-wallpapers-16.04 / -20.04: real JPEG photos
-
 
 def real_photo(size: int = 224) -> Image.Image | None:
     """A real photograph (Debian ``lomiri-wallpapers-*``), downscaled to ImageNet size; None if absent."""
-    photos = sorted(PHOTO_DIR.glob("*.jpg")) if PHOTO_DIR.is_dir() else []
+    photos = debian.photos()
     if not photos:
         return None
     with Image.open(photos[len(photos) // 2]) as im:
@@ -144,7 +142,7 @@ def crop(request) -> tuple[Image.Image, np.ndarray]:
     if request.param == "photo":
         img = real_photo(160)
         if img is None:
-            pytest.skip(f"no real photos under {PHOTO_DIR} (apt-get install lomiri-wallpapers)")
+            pytest.skip(f"no real photos under {debian.PHOTO_DIR} (apt-get install {debian.PHOTO_PACKAGE})")
     else:
         img = natural_image(4, 96, 96)
     return img, np.array(img)
