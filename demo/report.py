@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from demo.plan import MACHINE_FILE, PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
-from demo.stages import fmt_seconds
+from demo.stages import fmt_seconds, side_by_side_threads, wall_seconds
+from demo.stats import sample_sd, welch_margin
 from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import read_metrics
 
@@ -153,14 +154,23 @@ def detection_runs(plan: Plan, row: str) -> list[dict]:
     return [m for m in found if m]
 
 
-def seed_spread(plan: Plan) -> dict[str, dict[str, float]]:
-    """Half the range (max - min) / 2 of each detection column over seeds, for rows with >= 2 runs."""
-    spread = {}
+def seed_values(plan: Plan) -> dict[str, dict[str, list[float]]]:
+    """Row -> detection column -> the value of each finished fine-tuning seed (rows with a run only)."""
+    values = {}
     for row in ROWS:
         runs = detection_runs(plan, row)
-        if len(runs) >= 2:
-            spread[row] = {c: (max(r[c] for r in runs) - min(r[c] for r in runs)) / 2 for c in DET_COLUMNS}
-    return spread
+        if runs:
+            values[row] = {c: [r[c] for r in runs] for c in DET_COLUMNS}
+    return values
+
+
+def half_ranges(seeds: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Half the range (max - min) / 2 of each detection column over seeds, for rows with >= 2 seeds."""
+    return {
+        row: {c: (max(v) - min(v)) / 2 for c, v in cols.items()}
+        for row, cols in seeds.items()
+        if len(next(iter(cols.values()))) >= 2
+    }
 
 
 def parse_table(markdown: str) -> dict[str, list[str]]:
@@ -251,24 +261,27 @@ def _plot_ap(table: dict, out: Path) -> None:
     _save(fig, [ax], out)
 
 
-def _margin(spread: dict, col: str) -> float:
-    """The gap between two rows that seed noise alone can produce: twice the largest half range measured
-    in the column. Two seeds make each row's half range a rough estimate (it can come out near zero by
-    chance), so every row is given the worst one seen rather than its own."""
-    return 2.0 * max((v[col] for v in spread.values()), default=0.0)
+def _margin(seeds: dict, col: str, a: str, b: str) -> float:
+    """The gap between rows ``a`` and ``b`` in ``col`` that seed noise alone produces with 95 % probability
+    (Welch's t-test, ``demo.stats``). A row fine-tuned with one seed has no spread of its own: it is given
+    the largest standard deviation measured in the column, with one degree of freedom."""
+    measured = [sample_sd(v[col]) for v in seeds.values() if len(v[col]) >= 2]
+    worst = max(measured, default=0.0)
+    sd = {r: sample_sd(seeds[r][col]) if len(seeds[r][col]) >= 2 else worst for r in (a, b)}
+    return welch_margin(sd[a], len(seeds[a][col]), sd[b], len(seeds[b][col]))
 
 
-def _order_link(table: dict, spread: dict, col: str, a: str, b: str) -> tuple[float, float, int]:
+def _order_link(table: dict, seeds: dict, col: str, a: str, b: str) -> tuple[float, float, int]:
     """Row ``a`` minus row ``b`` in ``col``, its noise margin, and the verdict: +1 beyond the spread
     above, -1 beyond it below, 0 within it."""
-    gap, margin = table[a][col] - table[b][col], _margin(spread, col)
+    gap, margin = table[a][col] - table[b][col], _margin(seeds, col, a, b)
     return gap, margin, (gap > margin) - (gap < -margin)
 
 
-def _ordering(table: dict, spread: dict, col: str) -> str:
+def _ordering(table: dict, seeds: dict, col: str) -> str:
     """The paper's ordering MoCo v2 >= MoCo v1 > random init on one column, read against the spread."""
-    g21, m21, v21 = _order_link(table, spread, col, "moco_v2", "moco_v1")
-    g1r, m1r, v1r = _order_link(table, spread, col, "moco_v1", "random_init")
+    g21, m21, v21 = _order_link(table, seeds, col, "moco_v2", "moco_v1")
+    g1r, m1r, v1r = _order_link(table, seeds, col, "moco_v1", "random_init")
     first = (
         f"MoCo v1 > random init beyond the spread ({g1r:+.1f}, ±{m1r:.1f})"
         if v1r > 0
@@ -283,9 +296,9 @@ def _ordering(table: dict, spread: dict, col: str) -> str:
     return f"The paper's ordering MoCo v2 ≥ MoCo v1 > random init on {col}: {first}; {second}."
 
 
-def _findings(table: dict, raw_knn: float | None, spread: dict) -> list[str]:
+def _findings(table: dict, raw_knn: float | None, seeds: dict) -> list[str]:
     """Plain statements of what the numbers say, including where MoCo v2 does not win; detection gaps
-    are interpreted only when they exceed the measured seed spread."""
+    are interpreted only when they exceed the seed noise (``seeds``: ``seed_values``)."""
     lines = []
     v2, rnd = table["moco_v2"], table["random_init"]
     for col in ("kNN top-1", "linear top-1"):
@@ -306,17 +319,21 @@ def _findings(table: dict, raw_knn: float | None, spread: dict) -> list[str]:
             if delta > 0
             else f"MoCo v2's kNN top-1 is {rel} the raw-pixel kNN reference ({raw_knn:.1f} %, {delta:+.1f} points)."
         )
+    spread = half_ranges(seeds)
     if not spread:
         lines.append("Detection was fine-tuned with one seed per row: no gap between rows is interpreted.")
         return lines
-    seeded = ", ".join(ROW_TITLES[r] for r in spread)
+    counts = ", ".join(f"{ROW_TITLES[r]} {len(next(iter(v.values())))}" for r, v in seeds.items())
     half = "; ".join(
-        f"{ROW_TITLES[r]} " + ", ".join(f"{c} ±{v[c]:.1f}" for c in DET_COLUMNS) for r, v in spread.items()
+        f"{ROW_TITLES[r]} "
+        + ", ".join(f"{c} ±{v[c]:.1f} (sd {sample_sd(seeds[r][c]):.1f})" for c in DET_COLUMNS)
+        for r, v in spread.items()
     )
     lines.append(
-        f"Seed spread of detection (half range over fine-tuning seeds; {seeded}): {half}. A gap between two rows "
-        "is read as real only when it exceeds twice the largest half range of its column (two seeds make "
-        "each row's half range a rough estimate, so every row is given the worst one measured)."
+        f"Seed spread of detection (fine-tuning seeds per row: {counts}; half range and sample standard "
+        f"deviation over seeds): {half}. A gap between two rows' means is read as real only when Welch's "
+        "t-test finds it at 95 % confidence: it must exceed t · √(sd_a²/n_a + sd_b²/n_b), the ± shown with "
+        "each gap below (a row with one seed is given the largest sd of its column)."
     )
     pairs = (
         ("moco_v2", "moco_v1"),
@@ -327,19 +344,17 @@ def _findings(table: dict, raw_knn: float | None, spread: dict) -> list[str]:
     for col in DET_COLUMNS:
         parts = []
         for a, b in pairs:
-            if table[a][col] is None or table[b][col] is None:
+            if a not in seeds or b not in seeds:
                 continue
-            gap, margin = table[a][col] - table[b][col], _margin(spread, col)
-            verdict = (
-                "beyond the seed spread" if abs(gap) > margin else "within the seed spread: not interpreted"
-            )
-            parts.append(f"{ROW_TITLES[a]} − {ROW_TITLES[b]} {gap:+.1f} (spread ±{margin:.1f}, {verdict})")
+            gap, margin, verdict = _order_link(table, seeds, col, a, b)
+            said = "beyond the seed spread" if verdict else "within the seed spread: not interpreted"
+            parts.append(f"{ROW_TITLES[a]} − {ROW_TITLES[b]} {gap:+.1f} (spread ±{margin:.1f}, {said})")
         if parts:
             lines.append(f"{col}: " + "; ".join(parts) + ".")
     lines += [
-        _ordering(table, spread, col)
+        _ordering(table, seeds, col)
         for col in ("AP", "AP75")
-        if None not in (table["moco_v2"][col], table["moco_v1"][col], table["random_init"][col])
+        if all(r in seeds for r in ("moco_v2", "moco_v1", "random_init"))
     ]
     return lines
 
@@ -406,7 +421,8 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     out_dir = plan.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     table = collect_table(plan)
-    spread = seed_spread(plan)
+    seeds = seed_values(plan)
+    spread = half_ranges(seeds)
     raw = _load(plan.work / "raw_pixels" / "knn_results.json")
     raw_knn = raw["top1"] if raw else None
     manifest = _load(plan.data.manifest) or {}
@@ -422,7 +438,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     if drawn.is_file() and drawn.resolve() != grid_png.resolve():
         shutil.copyfile(drawn, grid_png)
     _plot_ap(table, ap_png)
-    total = sum(r.get("seconds", 0.0) for r in records.values())
+    total = wall_seconds(records)
     # The machine this work dir's numbers came from, for `python -m demo.compare` to label its runs.
     machine = f"{_machine_line()}, torch {torch.__version__}\n".encode()
     atomic_write(plan.work / MACHINE_FILE, lambda f: f.write(machine), what="machine line")
@@ -442,13 +458,15 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         f"({manifest.get('counts', {}).get('voc_test_boxes', '?')} test boxes; test scenes use test-split items only).",
         _backbone_line(plan.arch),
         f"- Seed {plan.seed} for the data and every stage. Machine: {_machine_line()}, torch {torch.__version__}, "
-        f"no GPU. Pretraining ran with {PRETRAIN_THREADS} intra-op thread(s) (its loader worker has the other "
-        f"core), every other stage with {plan.threads}, all with "
-        "`torch.use_deterministic_algorithms(True, warn_only=True)` (`demo/child.py`): the same command on the "
-        "same machine gives the same numbers. Another CPU kernel set (e.g. AVX2 instead of AVX-512) rounds "
+        f"no GPU. Independent stages ran {plan.jobs} at a time (the pretrainings, the evaluations, the "
+        f"fine-tunings), each child with {side_by_side_threads(plan.threads, plan.jobs)} intra-op thread(s) (a MoCo "
+        f"pretraining: {PRETRAIN_THREADS} + one loader worker), a stage running alone with {plan.threads}; all "
+        "with `torch.use_deterministic_algorithms(True, warn_only=True)` (`demo/child.py`): the same command on "
+        "the same machine gives the same numbers. Another CPU kernel set (e.g. AVX2 instead of AVX-512) rounds "
         "float32 differently and so moves the numbers; `python -m demo.compare RUN_A RUN_B` measures by how much.",
-        f"- Total wall-clock of the stages: **{total / 60:.1f} min** (sum of the per-stage times below, "
-        f"which a resumed demo collects over its invocations; the last invocation took {elapsed / 60:.1f} min).",
+        f"- Total wall-clock of the stages: **{total / 60:.1f} min** (the time covered by the per-stage "
+        "intervals below, stages side by side counted once, collected over a resumed demo's invocations; "
+        f"the last invocation took {elapsed / 60:.1f} min).",
         "",
         "## Results",
         "",
@@ -473,7 +491,7 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         "",
         "What the numbers say:",
         "",
-        *[f"- {line}" for line in _findings(table, raw_knn, spread)],
+        *[f"- {line}" for line in _findings(table, raw_knn, seeds)],
         "",
         *_kept_comparisons(out_dir / "report.md", md),
         "For shape only (not comparable in scale), the papers' numbers: ResNet-50, ImageNet-1M, 200 epochs; "
@@ -527,7 +545,13 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         ]
     md += _rank_section(_load(plan.work / "features" / "ranks.json"), table)
     md += ["## Stages: commands, configs, seeds, wall-clock", ""]
-    md += ["| # | stage | time | result |", "|---:|---|---:|---|"]
+    md += [
+        "Each stage's own wall-clock; stages that ran side by side (the pretrainings, the evaluations, the "
+        "fine-tunings) overlap, so the times add up to more than the total above.",
+        "",
+        "| # | stage | time | result |",
+        "|---:|---|---:|---|",
+    ]
     for i, st in enumerate(stages, 1):
         rec = records.get(st.key, {})
         secs = fmt_seconds(rec["seconds"]) if "seconds" in rec else "–"

@@ -145,6 +145,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 progress=epoch_progress(_pretrain_epochs(cfg), first_epoch=0),
                 summary=lambda out=out: _pretrain_summary(out),
                 threads=PRETRAIN_THREADS,
+                concurrent="pretraining",
             )
         )
     sup_cfg = plan.config("supervised")
@@ -164,6 +165,7 @@ def build_stages(plan: Plan) -> list[Stage]:
             ),  # fmt: skip
             progress=epoch_progress(_lincls_epochs(sup_cfg), first_epoch=1),
             summary=lambda: f"val top-1 {_json(w / 'supervised' / 'results.json')['top1']:.2f} %",
+            concurrent="pretraining",
         )
     )
     stages.append(
@@ -197,6 +199,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                 ),  # fmt: skip
                 progress=two_pass_progress(),
                 summary=lambda out=out: f"top-1 {_json(out / 'knn_results.json')['top1']:.2f} %",
+                concurrent="evaluation",
             )
         )
     lin_cfg = plan.config("lincls")
@@ -220,39 +223,41 @@ def build_stages(plan: Plan) -> list[Stage]:
                 ),  # fmt: skip
                 progress=probe_progress(),
                 summary=lambda out=out: _lincls_summary(out),
+                concurrent="evaluation",
             )
         )
     det_cfg, det_rand = plan.config("voc_c4"), plan.config("voc_c4_random_init")
+    for row in (r for r in ROWS if r != "random_init"):  # converted weights, checked in the detector
+        pkl = w / "convert" / f"{row}.pkl"
+        stages.append(
+            Stage(
+                f"convert/{row}",
+                f"convert to Detectron2: {ROW_TITLES[row]}",
+                pkl,
+                argv=_python("-m", "convert", str(plan.backbone(row)), str(pkl)),
+                summary=lambda pkl=pkl: f"{pkl} ({pkl.stat().st_size / 2**20:.1f} MiB)",
+            )
+        )
+        check_json = w / "detection" / f"transfer_check_{row}.json"
+        stages.append(
+            Stage(
+                f"transfer/{row}",
+                f"check every pretrained tensor reaches the detector: {ROW_TITLES[row]}",
+                check_json,
+                func=lambda row=row, pkl=pkl, check_json=check_json: _check_transfer(
+                    plan, row, pkl, check_json
+                ),
+                summary=lambda check_json=check_json: "{tensors_identical} tensors identical "
+                "({backbone_tensors} backbone + {res5_tensors} res5)".format(**_json(check_json)),
+                display=f"(in demo.run) demo.transfer.check_transfer({plan.backbone(row)}, {pkl}, {det_cfg})",
+            )
+        )
     for row in ROWS:
-        out = w / "detection" / row
-        if row == "random_init":
-            cfg, weights = det_rand, []
-        else:
-            pkl = w / "convert" / f"{row}.pkl"
-            cfg, weights = det_cfg, ["MODEL.WEIGHTS", str(pkl)]
-            stages.append(
-                Stage(
-                    f"convert/{row}",
-                    f"convert to Detectron2: {ROW_TITLES[row]}",
-                    pkl,
-                    argv=_python("-m", "convert", str(plan.backbone(row)), str(pkl)),
-                    summary=lambda pkl=pkl: f"{pkl} ({pkl.stat().st_size / 2**20:.1f} MiB)",
-                )
-            )
-            check_json = w / "detection" / f"transfer_check_{row}.json"
-            stages.append(
-                Stage(
-                    f"transfer/{row}",
-                    f"check every pretrained tensor reaches the detector: {ROW_TITLES[row]}",
-                    check_json,
-                    func=lambda row=row, pkl=pkl, check_json=check_json: _check_transfer(
-                        plan, row, pkl, check_json
-                    ),
-                    summary=lambda check_json=check_json: "{tensors_identical} tensors identical "
-                    "({backbone_tensors} backbone + {res5_tensors} res5)".format(**_json(check_json)),
-                    display=f"(in demo.run) demo.transfer.check_transfer({plan.backbone(row)}, {pkl}, {det_cfg})",
-                )
-            )
+        cfg, weights = (
+            (det_rand, [])
+            if row == "random_init"
+            else (det_cfg, ["MODEL.WEIGHTS", str(w / "convert" / f"{row}.pkl")])
+        )
         for det_seed in plan.detection_seeds(row):
             out = plan.detection_dir(row, det_seed)
             suffix = "" if det_seed == plan.seed else f" (seed {det_seed})"
@@ -276,6 +281,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                     summary=lambda out=out: "AP50 {AP50:.1f}, AP {AP:.1f}, AP75 {AP75:.1f}".format(
                         **_json(out / "metrics.json")
                     ),
+                    concurrent="detection",
                 )
             )
     ranks = w / "features" / "ranks.json"
@@ -351,7 +357,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     work = args.work or Path("results/demo/work") / preset
     report_dir = args.report_dir or (Path("results/demo") if preset == "full" else work)
     data = demo_data.DemoData(args.data_root or demo_data.default_root(preset))
-    return Plan(preset, args.seed, data, work, report_dir, threads=args.threads)
+    return Plan(preset, args.seed, data, work, report_dir, threads=args.threads, jobs=args.jobs)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -365,7 +371,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=2,
-        help="intra-op threads of every stage (float32 results depend on it; default 2, as in the report)",
+        help="intra-op threads of a stage running alone (float32 results depend on it; default 2, as in the report)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="independent stages run side by side, each with threads/jobs threads (default 2, as in the report)",
     )
     p.add_argument("--work", type=Path, help="intermediate outputs (default results/demo/work/<preset>)")
     p.add_argument("--data-root", type=Path, help="prepared data (default datasets/demo[-<preset>])")
@@ -389,13 +401,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo: the data will be (re)built, so the old outputs in {plan.work} are removed", flush=True)
         shutil.rmtree(plan.work)
     plan.work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(plan.work, total=len(stages) + 1, threads=plan.threads)
+    runner = Runner(plan.work, total=len(stages) + 1, threads=plan.threads, jobs=plan.jobs)
     print(
         f"demo ({plan.preset}, seed {plan.seed}): {len(stages) + 1} stages; work dir {plan.work}", flush=True
     )
     start = time.time()
-    for stage in stages:
-        runner.run(stage)
+    runner.run_all(stages)
     from demo.report import write_report
 
     report = write_report(plan, stages, runner.records, time.time() - start)

@@ -39,61 +39,83 @@ def _table(v2: float, others: dict[str, float]) -> dict:
 
 def test_findings_say_when_a_baseline_wins():
     table = _table(70.0, {"random_init": 72.04, "supervised": 90.0, "moco_v1": 60.0})
-    lines = _findings(table, raw_knn=80.0, spread={})
+    lines = _findings(table, raw_knn=80.0, seeds={})
     assert any("did NOT beat random init by the kNN measure" in s for s in lines)
     assert any("below the raw-pixel" in s and "-10.0 points" in s for s in lines)
     assert "Detection was fine-tuned with one seed per row: no gap between rows is interpreted." in lines
 
 
+def _seeds(per_row: dict[str, list[float]]) -> dict:
+    return {r: dict.fromkeys(("AP50", "AP", "AP75"), v) for r, v in per_row.items()}
+
+
 def test_findings_read_detection_gaps_against_the_seed_spread():
     table = _table(50.0, {"random_init": 40.0, "supervised": 49.0, "moco_v1": 48.0})
-    spread = {
-        r: dict.fromkeys(("AP50", "AP", "AP75"), h) for r, h in (("moco_v2", 0.75), ("random_init", 0.25))
-    }
-    lines = _findings(table, raw_knn=45.0, spread=spread)
+    # sample sds: moco_v2 [49, 51] -> sqrt(2), random_init [40, 40] -> 0; the one-seed rows (MoCo v1,
+    # supervised) are given the column's largest, sqrt(2)
+    seeds = _seeds(
+        {"moco_v2": [49.0, 51.0], "random_init": [40.0, 40.0], "moco_v1": [48.0], "supervised": [49.0]}
+    )
+    lines = _findings(table, raw_knn=45.0, seeds=seeds)
     ap = next(s for s in lines if s.startswith("AP: "))
-    # every pair is read against twice the largest half range of the column: 2 x 0.75 = 1.5
-    assert "MoCo v2 − MoCo v1 +2.0 (spread ±1.5, beyond the seed spread)" in ap
-    assert "MoCo v1 − random init +8.0 (spread ±1.5, beyond the seed spread)" in ap
-    assert "MoCo v2 − supervised +1.0 (spread ±1.5, within" in ap
+    # against a row without noise Welch's df is the noisy row's n - 1 (1 here; a one-seed row counts 1):
+    # MoCo v1: t(0.975, 1) * sqrt(2 / 1) = 12.7062 * 1.4142 = 17.97; MoCo v2: 12.7062 * sqrt(2 / 2)
+    assert "MoCo v1 − random init +8.0 (spread ±18.0, within the seed spread: not interpreted)" in ap
+    assert "MoCo v2 − random init +10.0 (spread ±12.7, within the seed spread: not interpreted)" in ap
+    assert any("above the raw-pixel" in s and "+5.0 points" in s for s in lines)
+    # more seeds, less noise: four per row, sd 1 each -> margin t(0.975, 6) * sqrt(1/4 + 1/4) = 1.730
+    seeds = _seeds(
+        {
+            r: [m - 1.5 + x for x in (0.0, 1.0, 2.0, 3.0)]
+            for r, m in (("moco_v2", 50), ("moco_v1", 48), ("random_init", 40))
+        }
+    )  # [m-1.5, m-.5, m+.5, m+1.5]: sd sqrt(5/3)
+    lines = _findings(table, raw_knn=None, seeds=seeds)
     assert (
         "The paper's ordering MoCo v2 ≥ MoCo v1 > random init on AP: MoCo v1 > random init beyond the spread "
-        "(+8.0, ±1.5); MoCo v2 > MoCo v1 beyond the spread (+2.0, ±1.5)." in lines
-    )
-    assert any("above the raw-pixel" in s and "+5.0 points" in s for s in lines)
-    # a tie within the spread is said to be one, not read as the ordering holding
-    table["moco_v1"]["AP75"] = 49.0
-    table["random_init"]["AP75"] = 48.0
-    lines = _findings(table, raw_knn=None, spread=spread)
+        "(+8.0, ±2.2); MoCo v2 > MoCo v1 beyond the spread (+2.0, ±2.2)." not in lines
+    )  # sqrt(5/3) * sqrt(1/2) * 2.4469 = 2.234: +2.0 is a tie
     assert (
-        "The paper's ordering MoCo v2 ≥ MoCo v1 > random init on AP75: MoCo v1 > random init NOT shown "
-        "(+1.0, ±1.5); MoCo v2 − MoCo v1 +1.0 is within the spread (±1.5): a tie, which does not contradict "
+        "The paper's ordering MoCo v2 ≥ MoCo v1 > random init on AP: MoCo v1 > random init beyond the spread "
+        "(+8.0, ±2.2); MoCo v2 − MoCo v1 +2.0 is within the spread (±2.2): a tie, which does not contradict "
         "v2 ≥ v1 but does not show v2 ahead either." in lines
     )
-    table["moco_v1"]["AP75"] = 52.0
-    lines = _findings(table, raw_knn=None, spread=spread)
-    assert any(
-        s.endswith("MoCo v2 < MoCo v1 beyond the spread (-2.0, ±1.5): v2 ≥ v1 does NOT hold.") for s in lines
+    table["moco_v2"]["AP75"] = 52.5
+    lines = _findings(table, raw_knn=None, seeds=seeds)
+    assert (
+        "The paper's ordering MoCo v2 ≥ MoCo v1 > random init on AP75: MoCo v1 > random init beyond the spread "
+        "(+8.0, ±2.2); MoCo v2 > MoCo v1 beyond the spread (+4.5, ±2.2)." in lines
     )
+    table["moco_v1"]["AP75"] = 55.0
+    lines = _findings(table, raw_knn=None, seeds=seeds)
+    assert any(
+        s.endswith("MoCo v2 < MoCo v1 beyond the spread (-2.5, ±2.2): v2 ≥ v1 does NOT hold.") for s in lines
+    )
+    assert any("MoCo v1 4" in s and "sd 1.3" in s and "Welch's t-test" in s for s in lines)
 
 
-def test_seed_spread_is_half_the_range_and_the_table_the_mean(tmp_path):
+def test_seed_values_and_half_ranges_and_the_table_the_mean(tmp_path):
     from demo import data as demo_data
     from demo.plan import Plan
-    from demo.report import collect_table, seed_spread
+    from demo.report import collect_table, half_ranges, seed_values
 
     plan = Plan("smoke", 3, demo_data.DemoData(tmp_path / "data"), tmp_path / "work", tmp_path)
     assert plan.detection_seeds("moco_v2") == [3, 4] and plan.detection_seeds("moco_v1") == [3]
+    assert Plan("full", 0, plan.data, plan.work, tmp_path).detection_seeds("moco_v1") == [0, 1, 2, 3]
     assert plan.detection_dir("moco_v2", 3).name == "moco_v2"
     assert plan.detection_dir("moco_v2", 4).name == "moco_v2_seed4"
     for row, seed, ap in (("moco_v2", 3, 20.0), ("moco_v2", 4, 23.0), ("moco_v1", 3, 10.0)):
         out = plan.detection_dir(row, seed)
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps({"AP50": ap + 10, "AP": ap, "AP75": ap - 5}))
-    table, spread = collect_table(plan), seed_spread(plan)
+    table, seeds = collect_table(plan), seed_values(plan)
     assert table["moco_v2"]["AP"] == 21.5 and table["moco_v2"]["AP75"] == 16.5
     assert table["moco_v1"]["AP"] == 10.0 and table["random_init"]["AP"] is None
-    assert spread == {"moco_v2": {"AP50": 1.5, "AP": 1.5, "AP75": 1.5}}
+    assert seeds == {
+        "moco_v2": {"AP50": [30.0, 33.0], "AP": [20.0, 23.0], "AP75": [15.0, 18.0]},
+        "moco_v1": {"AP50": [20.0], "AP": [10.0], "AP75": [5.0]},
+    }
+    assert half_ranges(seeds) == {"moco_v2": {"AP50": 1.5, "AP": 1.5, "AP75": 1.5}}
 
 
 def test_progress_parsers():

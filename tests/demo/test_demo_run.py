@@ -116,3 +116,67 @@ def test_children_run_with_pinned_threads_and_deterministic_algorithms(tmp_path)
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "1 True True ['a', 'b']"
+
+
+def test_wall_seconds_counts_side_by_side_stages_once():
+    from demo.stages import wall_seconds
+
+    records = {
+        "a": {"seconds": 10.0, "start": 100.0, "end": 110.0},
+        "b": {"seconds": 8.0, "start": 104.0, "end": 112.0},  # overlaps a: adds 2
+        "c": {"seconds": 1.0, "start": 111.0, "end": 112.0},  # inside b: adds 0
+        "d": {"seconds": 5.0, "start": 200.0, "end": 205.0},  # a later invocation: the pause is not counted
+        "old": {"seconds": 3.0},  # a record from before the intervals were kept
+    }
+    assert wall_seconds(records) == 10.0 + 2.0 + 5.0 + 3.0
+
+
+def _rendezvous(tmp_path: Path, me: str, other: str) -> list[str]:
+    """A child that writes its flag, then waits up to 60 s for the other's: it succeeds only if the two
+    run at the same time, and writes its intra-op thread count as its output."""
+    code = (
+        "import pathlib, sys, time, torch\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "(d / (sys.argv[2] + '.flag')).touch()\n"
+        "deadline = time.time() + 60\n"
+        "while not (d / (sys.argv[3] + '.flag')).exists():\n"
+        "    if time.time() > deadline:\n"
+        "        raise SystemExit('alone')\n"
+        "    time.sleep(0.05)\n"
+        "(d / (sys.argv[2] + '.out')).write_text(str(torch.get_num_threads()))\n"
+    )
+    return [sys.executable, "-c", code, str(tmp_path), me, other]
+
+
+def test_a_concurrent_group_runs_its_children_side_by_side_with_shared_threads(tmp_path):
+    from demo.stages import Runner, Stage
+
+    runner = Runner(tmp_path, total=3, log=lambda *_: None, threads=2, jobs=2)
+    stages = [
+        Stage(n, f"stage {n}", tmp_path / f"{n}.out", argv=_rendezvous(tmp_path, n, o), concurrent="g")
+        for n, o in (("a", "b"), ("b", "a"))
+    ]
+    stages.append(Stage("c", "stage c", tmp_path / "c.out", argv=[sys.executable, "-c", "import pathlib, sys, torch; pathlib.Path(sys.argv[1]).write_text(str(torch.get_num_threads()))", str(tmp_path / "c.out")]))  # fmt: skip
+    runner.run_all(stages)
+    # a and b met (each waited for the other), each with 2 // 2 threads; c ran alone with all 2
+    assert [(tmp_path / f"{n}.out").read_text() for n in "abc"] == ["1", "1", "2"]
+    assert [runner.records[n]["threads"] for n in "abc"] == [1, 1, 2]
+
+
+def test_a_failing_child_stops_its_siblings(tmp_path):
+    import os
+
+    from demo.stages import Runner, Stage, StageFailed
+
+    runner = Runner(tmp_path, total=2, log=lambda *_: None, jobs=2)
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = [sys.executable, "-c", "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)", str(pid_file)]  # fmt: skip
+    failing = [sys.executable, "-c", "import pathlib, sys, time\nwhile not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.05)\nraise SystemExit(4)", str(pid_file)]  # fmt: skip
+    stages = [
+        Stage("sleeper", "sleeping stage", tmp_path / "never1", argv=sleeper, concurrent="g"),
+        Stage("failing", "failing stage", tmp_path / "never2", argv=failing, concurrent="g"),
+    ]
+    with pytest.raises(StageFailed, match=r"failing stage.*exit code 4.*failing\.log"):
+        runner.run_all(stages)
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running for 600 s
+        os.kill(int(pid_file.read_text()), 0)
