@@ -1,14 +1,15 @@
 """``make demo``: the paper's whole protocol in miniature, on CPU, through the real entry points.
 
-    python -m demo.run            # full demo (38-53 min on 2 cores) -> results/demo/report.md
+    python -m demo.run            # full demo (~40 min on 2 cores) -> results/demo/report.md
     python -m demo.run --quick    # same stages at tiny scale (minutes)
 
 Stages (each a child process running the same command a full-scale user runs; only the configs
 under ``configs/demo/`` differ): data -> MoCo v2 and MoCo v1 pretraining (kNN monitor) ->
 supervised baseline -> kNN and linear evaluation of every backbone (random init, supervised,
 MoCo v1, MoCo v2) -> conversion to Detectron2 -> a check that the detector holds every pretrained
-tensor -> Faster R-CNN C4 fine-tuning + VOC-style AP on the demo scenes -> report. A stage whose
-output exists is skipped, so rerunning after a crash continues.
+tensor -> Faster R-CNN C4 fine-tuning + VOC-style AP on the demo scenes -> report. Independent stages
+(the pretrainings, the evaluations, the fine-tunings) run ``--jobs`` at a time. A stage whose output
+exists is skipped, so rerunning after a crash continues.
 """
 
 from __future__ import annotations
