@@ -4,8 +4,8 @@
     python -m demo.run --quick    # same stages at tiny scale (minutes)
 
 Stages (each a child process running the same command a full-scale user runs; only the configs
-under ``configs/demo/`` differ): data -> MoCo v2 and MoCo v1 pretraining (kNN monitor) ->
-supervised baseline -> kNN and linear evaluation of every backbone (random init, supervised,
+under ``configs/demo/`` differ): data -> supervised baseline, MoCo v2 and MoCo v1 pretraining ->
+raw-pixel kNN reference -> kNN and linear evaluation of every backbone (random init, supervised,
 MoCo v1, MoCo v2) -> conversion to Detectron2 -> a check that the detector holds every pretrained
 tensor -> Faster R-CNN C4 fine-tuning + VOC-style AP on the demo scenes -> report. Independent stages
 (the pretrainings, the evaluations, the fine-tunings) run ``--jobs`` at a time. A stage whose output
@@ -122,6 +122,28 @@ def build_stages(plan: Plan) -> list[Stage]:
             display=f"(in demo.run) torch.manual_seed({seed}); moco_d2.core.backbone.build_resnet({plan.arch!r}).state_dict()",
         ),
     ]
+    # The three pretrainings run side by side; the supervised one (the shortest) first, so the tail that
+    # runs alone is a MoCo run, which keeps both cores busy (1 thread + 1 loader worker).
+    sup_cfg = plan.config("supervised")
+    stages.append(
+        Stage(
+            "supervised",
+            "supervised pretraining on the labels",
+            w / "supervised" / "results.json",
+            argv=_python(
+                "-m",
+                "moco_d2.evaluation.lincls",
+                "--config-file",
+                sup_cfg,
+                "DATA.ROOT",
+                imagefolder,
+                *_run_opts(w / "supervised", seed),
+            ),  # fmt: skip
+            progress=epoch_progress(_lincls_epochs(sup_cfg), first_epoch=1),
+            summary=lambda: f"val top-1 {_json(w / 'supervised' / 'results.json')['top1']:.2f} %",
+            concurrent="pretraining",
+        )
+    )
     for v in ("moco_v2", "moco_v1"):
         out = w / "pretrain" / v
         cfg = plan.config(v)
@@ -149,26 +171,6 @@ def build_stages(plan: Plan) -> list[Stage]:
                 concurrent="pretraining",
             )
         )
-    sup_cfg = plan.config("supervised")
-    stages.append(
-        Stage(
-            "supervised",
-            "supervised pretraining on the labels",
-            w / "supervised" / "results.json",
-            argv=_python(
-                "-m",
-                "moco_d2.evaluation.lincls",
-                "--config-file",
-                sup_cfg,
-                "DATA.ROOT",
-                imagefolder,
-                *_run_opts(w / "supervised", seed),
-            ),  # fmt: skip
-            progress=epoch_progress(_lincls_epochs(sup_cfg), first_epoch=1),
-            summary=lambda: f"val top-1 {_json(w / 'supervised' / 'results.json')['top1']:.2f} %",
-            concurrent="pretraining",
-        )
-    )
     stages.append(
         Stage(
             "raw_pixels",
