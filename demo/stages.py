@@ -1,8 +1,9 @@
-"""Run one demo stage -- a real command-line entry point in a child process -- with a progress bar.
+"""Run the demo's stages -- real command-line entry points in child processes, independent ones side by
+side -- with a progress bar each.
 
 A stage is skipped when its output already exists, so a rerun after a crash continues where it
 stopped (the children resume their own checkpoints). Every finished stage is recorded in
-``stages.json`` (command, seconds, summary) for the report.
+``stages.json`` (command, threads, start and end, summary) for the report.
 """
 
 from __future__ import annotations
