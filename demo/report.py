@@ -164,12 +164,17 @@ def seed_values(plan: Plan) -> dict[str, dict[str, list[float]]]:
     return values
 
 
+def seed_count(cols: dict[str, list[float]]) -> int:
+    """How many fine-tuning seeds one row of ``seed_values`` holds (every column has one value per seed)."""
+    return len(next(iter(cols.values())))
+
+
 def half_ranges(seeds: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     """Half the range (max - min) / 2 of each detection column over seeds, for rows with >= 2 seeds."""
     return {
         row: {c: (max(v) - min(v)) / 2 for c, v in cols.items()}
         for row, cols in seeds.items()
-        if len(next(iter(cols.values()))) >= 2
+        if seed_count(cols) >= 2
     }
 
 
@@ -323,7 +328,7 @@ def _findings(table: dict, raw_knn: float | None, seeds: dict) -> list[str]:
     if not spread:
         lines.append("Detection was fine-tuned with one seed per row: no gap between rows is interpreted.")
         return lines
-    counts = ", ".join(f"{ROW_TITLES[r]} {len(next(iter(v.values())))}" for r, v in seeds.items())
+    counts = ", ".join(f"{ROW_TITLES[r]} {seed_count(v)}" for r, v in seeds.items())
     half = "; ".join(
         f"{ROW_TITLES[r]} "
         + ", ".join(f"{c} ±{v[c]:.1f} (sd {sample_sd(seeds[r][c]):.1f})" for c in DET_COLUMNS)
