@@ -10,9 +10,13 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from demo import data as demo_data
 from demo.fashion_mnist import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from fvcore.common.config import CfgNode
 
 ROWS = ("random_init", "supervised", "moco_v1", "moco_v2")
 ROW_TITLES = {
@@ -42,11 +46,18 @@ MACHINE_FILE = "machine.txt"
 
 
 @cache
-def config_arch(config_file: str) -> str:
-    """MODEL.ARCH of a pretraining config: the one architecture every row and stage of the demo uses."""
+def pretrain_config(config_file: str) -> CfgNode:
+    """A pretraining config as ``pretrain.train`` resolves it (``_BASE_`` chain included), frozen: it is shared."""
     from moco_d2.core.config import load_config, pretrain_defaults
 
-    return str(load_config(pretrain_defaults(), config_file).MODEL.ARCH)
+    cfg = load_config(pretrain_defaults(), config_file)
+    cfg.freeze()
+    return cfg
+
+
+def config_arch(config_file: str) -> str:
+    """MODEL.ARCH of a pretraining config: the one architecture every row and stage of the demo uses."""
+    return str(pretrain_config(config_file).MODEL.ARCH)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,10 @@ class Plan:
     def arch(self) -> str:
         """The backbone architecture (``moco_d2.core.backbone.ARCHS``), as MoCo v2's config names it."""
         return config_arch(self.config("moco_v2"))
+
+    def temperature(self, row: str) -> float:
+        """MODEL.T of a MoCo row's pretraining config (their losses are on different scales)."""
+        return float(pretrain_config(self.config(row)).MODEL.T)
 
     def backbone(self, row: str) -> Path:
         """The checkpoint each table row evaluates (formats every tool reads)."""

@@ -453,7 +453,8 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         "The whole MoCo v2 protocol in miniature, on CPU: self-supervised pretraining, kNN and linear "
         "evaluation, conversion to Detectron2, Faster R-CNN C4 fine-tuning and VOC-style box AP. Every "
         "stage ran the project's real command-line entry point with a config from "
-        f"`{Path(plan.config('x')).parent}/` (the full-scale configs with scale-only overrides).",
+        f"`{Path(plan.config('x')).parent}/` (each inherits a full-scale config; its header states what it "
+        "overrides and why: the scale, and MoCo v2's temperature).",
         "",
         f"- Data: Debian's `dataset-fashion-mnist` (real 28x28 product photos, 10 classes) -> "
         f"{manifest.get('counts', {}).get('imagefolder_train', '?')} train / "
@@ -513,9 +514,9 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
         "",
     ]
     md += [
-        "Loss and contrastive accuracy are per-epoch means of the logged training values (MoCo v1 uses T 0.07, "
-        "MoCo v2 T 0.2, so their losses are not on one scale); kNN, when the monitor ran (`KNN.EVAL_PERIOD`), is "
-        "its top-1 after each evaluated epoch.",
+        "Loss and contrastive accuracy are per-epoch means of the logged training values (MoCo v1 uses "
+        f"T {plan.temperature('moco_v1'):g}, MoCo v2 T {plan.temperature('moco_v2'):g}, so their losses are not "
+        "on one scale); kNN, when the monitor ran (`KNN.EVAL_PERIOD`), is its top-1 after each evaluated epoch.",
         "",
     ]
     if has_lincls:

@@ -54,6 +54,8 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path):
         assert all((" ± " in c) == (row in ("random init", "MoCo v2")) for c in cells[2:]), (row, cells)
     assert (work / "detection" / "moco_v2_seed1" / "metrics.json").is_file()
     assert "Seed spread of detection" in report
+    # the curves' caption reads each MoCo row's temperature from its config (v2's departs from 0.2)
+    assert "MoCo v1 uses T 0.07, MoCo v2 T 0.1, so their losses" in report
     lincls = json.loads((work / "lincls" / "moco_v2" / "results.json").read_text())
     assert lincls["features"].startswith("precomputed once") and lincls["sanity_check"] == "passed"
     for png in ("pretraining_curves.png", "detection_ap.png", "detections.png", "linear_probe_curves.png"):
