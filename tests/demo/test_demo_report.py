@@ -96,12 +96,14 @@ def test_findings_read_detection_gaps_against_the_seed_spread():
 
 def test_seed_values_and_half_ranges_and_the_table_the_mean(tmp_path):
     from demo import data as demo_data
-    from demo.plan import Plan
+    from demo.plan import ROWS, Plan
     from demo.report import collect_table, half_ranges, seed_values
 
     plan = Plan("smoke", 3, demo_data.DemoData(tmp_path / "data"), tmp_path / "work", tmp_path)
     assert plan.detection_seeds("moco_v2") == [3, 4] and plan.detection_seeds("moco_v1") == [3]
-    assert Plan("full", 0, plan.data, plan.work, tmp_path).detection_seeds("moco_v1") == [0, 1, 2, 3]
+    full = Plan("full", 0, plan.data, plan.work, tmp_path)
+    assert [len(full.detection_seeds(r)) for r in ROWS] == [3, 1, 8, 8]  # the seeds go to the v1-v2 gap
+    assert full.detection_seeds("moco_v2") == list(range(8))
     assert plan.detection_dir("moco_v2", 3).name == "moco_v2"
     assert plan.detection_dir("moco_v2", 4).name == "moco_v2_seed4"
     for row, seed, ap in (("moco_v2", 3, 20.0), ("moco_v2", 4, 23.0), ("moco_v1", 3, 10.0)):
