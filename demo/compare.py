@@ -1,14 +1,15 @@
 """Compare the numbers of two demo runs: is a rerun identical, and how far does another machine land?
 
-    python -m demo.compare results/demo/work/full /tmp/clone/results/demo/work/full [--preset full]
-        [--write-into results/demo/report.md]
+    python -m demo.compare RUN_A RUN_B [--preset full] [--write-into results/demo/report.md]
 
-Prints every table cell (kNN, linear, each detection seed's AP50/AP/AP75, the raw-pixel reference)
-of both runs with their difference, then one JSON line with the largest difference per column.
-Exit status 0 when every number is identical, 1 otherwise, so scripts can assert reproducibility.
-``--write-into`` records the comparison as one row of the report's "Reruns and kernel sets" table
-(both runs' machines, taken from their work dirs); ``demo.run`` keeps that table while the results
-it was measured against stay the same.
+A run is a demo work dir (``results/demo/work/full``) or the ``numbers.json`` a report was written with
+(``results/demo/numbers.json``, committed with the report), so a run on any machine can be held against
+the committed report without its work dir. Prints every table cell (kNN, linear, each detection seed's
+AP50/AP/AP75, the raw-pixel reference) and each row's detection means of both runs with their
+difference, then one JSON line with the largest difference per column. Exit status 0 when every number
+is identical, 1 otherwise, so scripts can assert reproducibility. ``--write-into`` records the
+comparison as one row of the report's "Reruns and machines" table (both runs' machine lines);
+``demo.run`` keeps that table while the results it was measured against stay the same.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import sys
 from pathlib import Path
 
 from demo import data as demo_data
-from demo.plan import MACHINE_FILE, ROW_TITLES, ROWS, Plan
+from demo.plan import MACHINE_FILE, NUMBERS_FILE, ROW_TITLES, ROWS, Plan
+from moco_d2.core.errors import UserError, exit_on_user_error
 from moco_d2.core.io import atomic_write
 
 DETECTION = ("AP50", "AP", "AP75")
-KINDS = ("kNN top-1", "linear top-1", *DETECTION)
+MEANS = tuple(f"mean {col}" for col in DETECTION)  # a row's mean over its seeds: what the findings compare
+KINDS = ("kNN top-1", "linear top-1", *DETECTION, *MEANS)
 # The block of the report that holds the comparisons, between these markers.
 BEGIN, END = "<!-- COMPARE -->", "<!-- /COMPARE -->"
 
@@ -49,8 +52,21 @@ def numbers(plan: Plan) -> dict[str, float | None]:
     return out
 
 
+def with_means(nums: dict[str, float | None]) -> dict[str, float | None]:
+    """``nums`` plus each row's mean over its detection seeds, keyed "<row> / mean <column>"."""
+    seeds: dict[str, list[float | None]] = {}
+    for key, value in nums.items():
+        title, cell = key.split(" / ")
+        col = cell.split(" (")[0]
+        if col in DETECTION:
+            seeds.setdefault(f"{title} / mean {col}", []).append(value)
+    means = {k: None if None in v else sum(v) / len(v) for k, v in seeds.items()}  # type: ignore[arg-type]
+    return {**nums, **means}
+
+
 def compare(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str, float]:
-    """Largest |a - b| per column kind (kNN, linear, AP50, AP, AP75); NaN where a number is missing."""
+    """Largest |a - b| per column kind (kNN, linear, AP50, AP, AP75, and the rows' detection means);
+    NaN where a number is missing."""
     worst: dict[str, float] = {}
     for key in a:
         kind = key.split(" / ")[1].split(" (")[0]
@@ -58,6 +74,22 @@ def compare(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str,
         diff = float("nan") if va is None or vb is None else abs(va - vb)
         worst[kind] = max(worst.get(kind, 0.0), diff) if diff == diff else float("nan")
     return worst
+
+
+def load_run(path: Path, preset: str, seed: int) -> tuple[str, dict[str, float | None]]:
+    """(machine line, numbers) of a run: a ``numbers.json`` file, or a work dir read stage by stage."""
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            return saved["machine"], saved["numbers"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f"{path}: expected a demo {NUMBERS_FILE} with 'machine' and 'numbers' ({e!r})"
+            ) from None
+    if not path.is_dir():
+        raise UserError(f"{path}: no such demo work dir or {NUMBERS_FILE}")
+    plan = Plan(preset, seed, demo_data.DemoData(Path(".")), path, path)
+    return machine(path), numbers(plan)
 
 
 def machine(work: Path) -> str:
@@ -70,13 +102,15 @@ def block(rows: list[str]) -> list[str]:
     """The report's comparison section around its table rows (one row per pair of machines)."""
     return [
         BEGIN,
-        "### Reruns and kernel sets",
+        "### Reruns and machines",
         "",
-        "Each row compares every number of the table above (detection per seed) between two complete runs of "
-        "`make demo` with `python -m demo.compare RUN_A RUN_B`: the largest |B − A| per column, in points. "
-        "A rerun on the same machine must give 0 everywhere; another CPU kernel set rounds float32 "
-        "differently, and its differences are read like the seed spread: a gap between rows smaller than "
-        "them is not interpreted.",
+        "Each row compares every number of the table above between two complete runs of `make demo` with "
+        "`python -m demo.compare RUN_A RUN_B`: the largest |B − A| in points, per number (detection per "
+        "seed) and per row mean over the seeds (what the findings compare). A rerun on the same machine must "
+        "give 0 everywhere. Another CPU or kernel set rounds float32 differently; a fine-tuning's rounding "
+        "differences grow like a change of seed, so its per-seed numbers move by about the seed spread and "
+        "its row means by less. A gap between rows is interpreted only when it exceeds both the Welch "
+        "margin above and the row-mean differences here.",
         "",
         "| run A | run B | identical | " + " | ".join(KINDS) + " |",
         "|---|---|---|" + "---:|" * len(KINDS),
@@ -102,6 +136,7 @@ def write_into(report: Path, row_key: str, row: str) -> None:
     atomic_write(report, lambda f: f.write(new.encode()), what="report")
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Compare the numbers of two demo runs.")
     p.add_argument("work_a", type=Path)
@@ -110,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-into", type=Path, help="report.md to record this comparison in")
     args = p.parse_args(argv)
-    runs = [
-        numbers(Plan(args.preset, args.seed, demo_data.DemoData(Path(".")), work, work))
-        for work in (args.work_a, args.work_b)
-    ]
+    (machine_a, nums_a), (machine_b, nums_b) = (
+        load_run(path, args.preset, args.seed) for path in (args.work_a, args.work_b)
+    )
+    runs = [with_means(nums_a), with_means(nums_b)]
     print(f"{'number':<34} {'A':>8} {'B':>8} {'B - A':>8}")
     for key, va in runs[0].items():
         vb = runs[1].get(key)
@@ -125,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     identical = runs[0] == runs[1] and None not in runs[0].values()
     print(json.dumps({"demo_compare": {"identical": identical, "max_abs_diff": worst}}))
     if args.write_into:
-        key = f"| {machine(args.work_a)} | {machine(args.work_b)} |"
+        key = f"| {machine_a} | {machine_b} |"
         cells = [f"{worst[k]:.2f}" if k in worst else "–" for k in KINDS]
         write_into(
             args.write_into, key, f"{key} {'yes' if identical else 'no'} | " + " | ".join(cells) + " |"

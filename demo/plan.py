@@ -48,6 +48,9 @@ DETECTION_SEEDS = {
 PRETRAIN_THREADS = 1
 # Written into the work dir with the report: the machine line (CPU, kernel set, torch) of its numbers.
 MACHINE_FILE = "machine.txt"
+# Written next to the report: every number of its table with that machine line, so a later run on any
+# machine can be compared with the committed report (`python -m demo.compare results/demo/numbers.json RUN`).
+NUMBERS_FILE = "numbers.json"
 
 
 @cache

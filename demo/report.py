@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from demo.plan import MACHINE_FILE, PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
+from demo.plan import MACHINE_FILE, NUMBERS_FILE, PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
 from demo.stages import fmt_seconds, side_by_side_threads, wall_seconds
 from demo.stats import sample_sd, welch_margin
-from moco_d2.core.io import atomic_write
+from moco_d2.core.io import atomic_write, write_json_atomic
 from moco_d2.core.metrics import read_metrics
 
 if TYPE_CHECKING:
@@ -406,7 +406,7 @@ def _rank_section(ranks: dict | None, table: dict) -> list[str]:
 # Long (154 lines): the report's sections in reading order, one markdown block each; splitting it would
 # scatter the page a reader checks against the report top to bottom.
 def _kept_comparisons(old_report: Path, new_md: list[str]) -> list[str]:
-    """The "Reruns and kernel sets" block of the previous report (``demo.compare --write-into``), kept when
+    """The "Reruns and machines" block of the previous report (``demo.compare --write-into``), kept when
     the results table it was measured against is unchanged; dropped otherwise, as it would be stale."""
     from demo.compare import BEGIN, END
 
@@ -447,6 +447,10 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     # The machine this work dir's numbers came from, for `python -m demo.compare` to label its runs.
     machine = f"{_machine_line()}, torch {torch.__version__}\n".encode()
     atomic_write(plan.work / MACHINE_FILE, lambda f: f.write(machine), what="machine line")
+    # ... and every number of the table with it, so a run elsewhere can be compared with this report.
+    from demo.compare import numbers
+
+    write_json_atomic({"machine": machine.decode().strip(), "numbers": numbers(plan)}, out_dir / NUMBERS_FILE)
 
     md = [f"# MoCo v2 demo report ({plan.preset})", ""]
     md += [

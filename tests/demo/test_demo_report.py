@@ -190,6 +190,7 @@ def test_rank_section_explains_a_collapsed_supervised_backbone():
 
 def test_compare_reports_identical_runs_and_the_largest_difference(tmp_path, capsys):
     from demo import data as demo_data
+    from demo.compare import compare, numbers, with_means
     from demo.compare import main as compare_main
     from demo.plan import ROWS, Plan
 
@@ -215,7 +216,26 @@ def test_compare_reports_identical_runs_and_the_largest_difference(tmp_path, cap
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "c"), "--preset", "smoke"]) == 1
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["demo_compare"]
     assert line["identical"] is False and line["max_abs_diff"]["AP"] == 0.25
-    assert line["max_abs_diff"]["kNN top-1"] == 0.0
+    assert line["max_abs_diff"]["kNN top-1"] == 0.0 and line["max_abs_diff"]["mean AP"] == 0.25
+
+    # a run saved as numbers.json (machine line + numbers) compares like its work dir
+    saved = tmp_path / "numbers.json"
+    nums = numbers(Plan("smoke", 0, demo_data.DemoData(tmp_path), tmp_path / "c", tmp_path / "c"))
+    saved.write_text(json.dumps({"machine": "cpu Y", "numbers": nums}))
+    assert compare_main([str(saved), str(tmp_path / "c"), "--preset", "smoke"]) == 0
+    assert compare_main([str(saved), str(tmp_path / "a"), "--preset", "smoke"]) == 1
+    capsys.readouterr()
+    # row means: seeds shifted in opposite directions move the per-seed numbers but not the mean
+    m = with_means({"MoCo v2 / AP (seed 0)": 20.0, "MoCo v2 / AP (seed 1)": 30.0, "MoCo v2 / kNN top-1": 1.0})
+    assert m["MoCo v2 / mean AP"] == 25.0 and "MoCo v2 / mean kNN top-1" not in m
+    shifted = {"MoCo v2 / AP (seed 0)": 21.0, "MoCo v2 / AP (seed 1)": 29.0, "MoCo v2 / kNN top-1": 1.0}
+    assert compare(m, with_means(shifted)) == {"AP": 1.0, "kNN top-1": 0.0, "mean AP": 0.0}
+    # a file that is not a numbers.json, or a path that is nothing: one line naming it, exit 2
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    for bad in (tmp_path / "bad.json", tmp_path / "nowhere"):
+        with pytest.raises(SystemExit) as exc:
+            compare_main([str(bad), str(tmp_path / "a"), "--preset", "smoke"])
+        assert exc.value.code == 2 and str(bad) in capsys.readouterr().err
 
     # --write-into records each comparison as one row per pair of machines, replacing an older row
     (tmp_path / "a" / "machine.txt").write_text("cpu X, ATen kernels AVX512\n")
@@ -230,8 +250,8 @@ def test_compare_reports_identical_runs_and_the_largest_difference(tmp_path, cap
     text = report.read_text()
     rows = [r for r in text.split(BEGIN)[1].split(END)[0].splitlines() if r.startswith("| cpu")]
     assert rows == [
-        f"| cpu X, ATen kernels AVX512 | (no machine.txt in {tmp_path / 'b'}) | yes | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |",
-        "| cpu X, ATen kernels AVX512 | cpu X, ATen kernels AVX2 | no | 0.00 | 0.00 | 0.25 | 0.25 | 0.25 |",
+        f"| cpu X, ATen kernels AVX512 | (no machine.txt in {tmp_path / 'b'}) | yes | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |",
+        "| cpu X, ATen kernels AVX512 | cpu X, ATen kernels AVX2 | no | 0.00 | 0.00 | 0.25 | 0.25 | 0.25 | 0.25 | 0.25 | 0.25 |",
     ]
     assert text.index(END) < text.index("## Pretraining curves") and text.count(BEGIN) == 1
 

@@ -87,6 +87,10 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path):
     after = json.loads(knn_json.read_text())["top1"], json.loads(lin_json.read_text())["top1"]
     assert after == before
     assert parse_table((work / "report.md").read_text()) == table
+    # numbers.json, written with the report, holds the work dir's numbers exactly (JSON floats round-trip)
+    from demo.compare import main as compare_main
+
+    assert compare_main([str(work / "numbers.json"), str(work), "--preset", "smoke"]) == 0
 
 
 def test_missing_stage_output_is_a_clear_error(tmp_path):
