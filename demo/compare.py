@@ -5,10 +5,10 @@
 A run is a demo work dir (``results/demo/work/full``) or the ``numbers.json`` a report was written with
 (``results/demo/numbers.json``, committed with the report), so a run on any machine can be held against
 the committed report without its work dir. Prints every table cell (kNN, linear, each detection seed's
-AP50/AP/AP75, the raw-pixel reference) and each row's detection means of both runs with their
-difference, then one JSON line with the largest difference per column. Exit status 0 when every number
-is identical, 1 otherwise, so scripts can assert reproducibility. ``--write-into`` records the
-comparison as one row of the report's "Reruns and machines" table (both runs' machine lines);
+AP50/AP/AP75, the raw-pixel reference) that both runs have, and each row's detection mean over those
+seeds, with their difference, then one JSON line with the largest difference per column. Exit status
+0 when both runs have the same numbers, all identical; 1 otherwise, so scripts can assert
+reproducibility. ``--write-into`` records the comparison as one row of the report's "Reruns and machines" table (both runs' machine lines);
 ``demo.run`` keeps that table while the results it was measured against stay the same.
 """
 
@@ -148,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     (machine_a, nums_a), (machine_b, nums_b) = (
         load_run(path, args.preset, args.seed) for path in (args.work_a, args.work_b)
     )
-    runs = [with_means(nums_a), with_means(nums_b)]
+    # Only the numbers both runs have (e.g. a run with more fine-tuning seeds): the means stay like for like.
+    shared = [k for k in nums_a if k in nums_b]
+    only = {"A": len(nums_a) - len(shared), "B": len(nums_b) - len(shared)}
+    runs = [with_means({k: nums[k] for k in shared}) for nums in (nums_a, nums_b)]
+    print(f"{len(shared)} numbers in both runs; only in A: {only['A']}, only in B: {only['B']}")
     print(f"{'number':<34} {'A':>8} {'B':>8} {'B - A':>8}")
     for key, va in runs[0].items():
         vb = runs[1].get(key)
@@ -157,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         fb = "–" if vb is None else f"{vb:.2f}"
         print(f"{key:<34} {fa:>8} {fb:>8} {diff:>8}")
     worst = compare(*runs)
-    identical = runs[0] == runs[1] and None not in runs[0].values()
-    print(json.dumps({"demo_compare": {"identical": identical, "max_abs_diff": worst}}))
+    identical = runs[0] == runs[1] and None not in runs[0].values() and not any(only.values())
+    print(json.dumps({"demo_compare": {"identical": identical, "only_in": only, "max_abs_diff": worst}}))
     if args.write_into:
         key = f"| {machine_a} | {machine_b} |"
         cells = [f"{worst[k]:.2f}" if k in worst else "–" for k in KINDS]
