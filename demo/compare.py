@@ -8,8 +8,9 @@ the committed report without its work dir. Prints every table cell (kNN, linear,
 AP50/AP/AP75, the raw-pixel reference) that both runs have, and each row's detection mean over those
 seeds, with their difference, then one JSON line with the largest difference per column. Exit status
 0 when both runs have the same numbers, all identical; 1 otherwise, so scripts can assert
-reproducibility. ``--write-into`` records the comparison as one row of the report's "Reruns and machines" table (both runs' machine lines);
-``demo.run`` keeps that table while the results it was measured against stay the same.
+reproducibility. ``--write-into`` records the comparison as one row of the report's "Reruns and
+machines" table (both runs' machine lines); ``demo.run`` keeps that table while the results it was
+measured against stay the same.
 """
 
 from __future__ import annotations
@@ -52,12 +53,17 @@ def numbers(plan: Plan) -> dict[str, float | None]:
     return out
 
 
+def _split(key: str) -> tuple[str, str]:
+    """ "<row> / <column> (seed s)" -> (row, column)."""
+    title, cell = key.split(" / ")
+    return title, cell.split(" (")[0]
+
+
 def with_means(nums: dict[str, float | None]) -> dict[str, float | None]:
     """``nums`` plus each row's mean over its detection seeds, keyed "<row> / mean <column>"."""
     seeds: dict[str, list[float | None]] = {}
     for key, value in nums.items():
-        title, cell = key.split(" / ")
-        col = cell.split(" (")[0]
+        title, col = _split(key)
         if col in DETECTION:
             seeds.setdefault(f"{title} / mean {col}", []).append(value)
     means = {k: None if None in v else sum(v) / len(v) for k, v in seeds.items()}  # type: ignore[arg-type]
@@ -69,7 +75,7 @@ def compare(a: dict[str, float | None], b: dict[str, float | None]) -> dict[str,
     NaN where a number is missing."""
     worst: dict[str, float] = {}
     for key in a:
-        kind = key.split(" / ")[1].split(" (")[0]
+        kind = _split(key)[1]
         va, vb = a[key], b.get(key)
         diff = float("nan") if va is None or vb is None else abs(va - vb)
         worst[kind] = max(worst.get(kind, 0.0), diff) if diff == diff else float("nan")

@@ -445,12 +445,12 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     _plot_ap(table, ap_png)
     total = wall_seconds(records)
     # The machine this work dir's numbers came from, for `python -m demo.compare` to label its runs.
-    machine = f"{_machine_line()}, torch {torch.__version__}\n".encode()
-    atomic_write(plan.work / MACHINE_FILE, lambda f: f.write(machine), what="machine line")
+    machine = f"{_machine_line()}, torch {torch.__version__}"
+    atomic_write(plan.work / MACHINE_FILE, lambda f: f.write(f"{machine}\n".encode()), what="machine line")
     # ... and every number of the table with it, so a run elsewhere can be compared with this report.
     from demo.compare import numbers
 
-    write_json_atomic({"machine": machine.decode().strip(), "numbers": numbers(plan)}, out_dir / NUMBERS_FILE)
+    write_json_atomic({"machine": machine, "numbers": numbers(plan)}, out_dir / NUMBERS_FILE)
 
     md = [f"# MoCo v2 demo report ({plan.preset})", ""]
     md += [
