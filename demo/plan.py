@@ -105,6 +105,10 @@ class Plan:
             "moco_v2": self.work / "pretrain" / "moco_v2" / "model_final.pth",
         }[row]
 
+    def frozen_features(self, row: str) -> Path:
+        """The file caching ``row``'s frozen features: extracted once by its kNN stage, read by its linear probe."""
+        return self.work / "frozen_features" / f"{row}.pt"
+
     def detection_seeds(self, row: str) -> list[int]:
         """The seeds ``row``'s detector is fine-tuned with."""
         return [self.seed + i for i in range(DETECTION_SEEDS[self.preset][row])]

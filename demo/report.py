@@ -67,7 +67,8 @@ def _lincls_recipe(plan: Plan) -> str:
     if c.TRAIN.PRECOMPUTED_FEATURES:
         recipe += (
             " The features were computed once per image through the validation transform and the fc trained "
-            "on them (`TRAIN.PRECOMPUTED_FEATURES`); the ImageNet recipe instead shows each training image "
+            "on them (`TRAIN.PRECOMPUTED_FEATURES`; the kNN stage extracted them and the linear stage read its "
+            "file, `DATA.FEATURES_CACHE`); the ImageNet recipe instead shows each training image "
             "through RandomResizedCrop + flip, a new crop every epoch."
         )
     if c.TRAIN.STANDARDIZE_FEATURES:

@@ -197,6 +197,8 @@ def build_stages(plan: Plan) -> list[Stage]:
                     str(plan.backbone(row)),
                     "DATA.ROOT",
                     imagefolder,
+                    "DATA.FEATURES_CACHE",
+                    str(plan.frozen_features(row)),
                     "OUTPUT_DIR",
                     str(out),
                 ),  # fmt: skip
@@ -222,11 +224,14 @@ def build_stages(plan: Plan) -> list[Stage]:
                     str(plan.backbone(row)),
                     "DATA.ROOT",
                     imagefolder,
+                    "DATA.FEATURES_CACHE",
+                    str(plan.frozen_features(row)),
                     *_run_opts(out, seed),
                 ),  # fmt: skip
                 progress=probe_progress(),
                 summary=lambda out=out: _lincls_summary(out),
                 concurrent="evaluation",
+                after=f"knn/{row}",  # reads the features the kNN stage extracted
             )
         )
     det_cfg, det_rand = plan.config("voc_c4"), plan.config("voc_c4_random_init")

@@ -51,6 +51,8 @@ class Stage:
     short_spin: bool = False
     # stages next to each other with the same group name run side by side (Runner.jobs at a time)
     concurrent: str = ""
+    # key of a stage of the same group that must finish before this one starts (it writes what this reads)
+    after: str = ""
 
     def finished(self) -> bool:
         return self.is_done() if self.is_done is not None else self.done.exists()
@@ -225,8 +227,12 @@ class Runner:
         running: list[_Child] = []
         try:
             while todo or running:
-                while todo and len(running) < width:
-                    running.append(self._start_child(*todo.pop(0)))
+                while len(running) < width and (ready := self._next_ready(todo, running)) is not None:
+                    running.append(self._start_child(*todo.pop(ready)))
+                if todo and not running:
+                    raise RuntimeError(
+                        f"demo stages wait on each other in a cycle: {[s.key for s, _ in todo]}"
+                    )
                 time.sleep(0.5)
                 for child in list(running):
                     self._show_progress(child)
@@ -241,6 +247,12 @@ class Runner:
                 child.proc.wait()
                 self._close(child)
             raise
+
+    @staticmethod
+    def _next_ready(todo: list[tuple[Stage, str]], running: list[_Child]) -> int | None:
+        """Index of the first waiting stage whose ``after`` stage is neither waiting nor running."""
+        pending = {stage.key for stage, _ in todo} | {child.stage.key for child in running}
+        return next((i for i, (stage, _) in enumerate(todo) if stage.after not in pending), None)
 
     def _finished(self, stage: Stage, tag: str, start: float) -> None:
         end = time.time()

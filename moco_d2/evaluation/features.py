@@ -3,20 +3,31 @@
 A ResNet's pooled features (``ResNetTrunk`` when its fc must stay), extracted shard by shard over
 processes without padding (``ShardSampler``, ``make_eval_loader``) so every readable image counts once
 and unreadable ones are reported (``skipped_over_ranks``, ``report_skipped``), gathered with
-``gather_uneven``; ``topk_correct`` scores any classifier's outputs.
+``gather_uneven``; ``topk_correct`` scores any classifier's outputs. ``split_features`` extracts both
+splits once and caches them in a file (``DATA.FEATURES_CACHE``), so the kNN evaluation and the linear
+probe of one checkpoint share one extraction.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sized
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moco_d2.core.distributed import all_gather_cat, get_rank, get_world_size, is_main_process
+from moco_d2.core.distributed import (
+    all_gather_cat,
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    is_main_process,
+)
 from moco_d2.core.errors import UserError
 from moco_d2.core.images import (
     SkippingView,
@@ -25,6 +36,7 @@ from moco_d2.core.images import (
     collate_readable,
     display_path,
 )
+from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import progress
 
 logger = logging.getLogger("moco")
@@ -34,10 +46,12 @@ __all__ = [
     "ShardSampler",
     "eval_batches",
     "extract_features",
+    "feature_cache_key",
     "gather_uneven",
     "make_eval_loader",
     "report_skipped",
     "skipped_over_ranks",
+    "split_features",
     "topk_correct",
 ]
 
@@ -211,3 +225,67 @@ def _output_dim(model: nn.Module, loader: DataLoader, device: torch.device) -> i
             return model(item[0].unsqueeze(0).to(device)).flatten(1).shape[1]
     root = getattr(loader.dataset, "root", "the dataset")
     raise UserError(f"no readable image in {display_path(str(root))!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both splits' frozen features, extracted once and cached in a file (DATA.FEATURES_CACHE)
+
+
+def feature_cache_key(weights: str, data, amp: bool) -> str:
+    """Everything the frozen features of ``data``'s two splits depend on: the checkpoint's bytes (not its
+    name: a checkpoint rewritten in place is another key), the image folders, the eval transform, AMP.
+
+    ``data`` is a kNN or linear-probe config's DATA node; both name these keys alike.
+    """
+    with open(weights, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    fields = (data.ROOT, data.TRAIN_SPLIT, data.VAL_SPLIT, data.CROP_SIZE, data.RESIZE)
+    return json.dumps([digest, *fields, list(data.MEAN), list(data.STD), bool(amp)])
+
+
+def _load_cache(path: Path | None, key: str) -> dict | None:
+    """The cache at ``path`` if its key is ``key`` (None when absent, stale or unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file is a miss, never a crash: it is rewritten
+        logger.warning("feature cache %s unreadable (%s): extracting again", display_path(str(path)), e)
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+
+
+@torch.no_grad()
+def split_features(
+    trunk: nn.Module,
+    splits: dict[str, Dataset],
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    device: torch.device,
+    amp: bool = False,
+    cache: Path | None = None,
+    key: str = "",
+) -> dict:
+    """Pooled (not normalised) float32 features of every split, gathered over ranks, on the CPU.
+
+    Returns ``{"key", <split>: N x D, "<split>_labels": N, "skipped": [unreadable files]}``. With
+    ``cache``, a file holding the same ``key`` is read instead of touching an image, and a fresh
+    extraction is written there (atomically, by the main process). Every rank must hit for any to use
+    it, so ranks without a shared file system extract together rather than wait on each other.
+    """
+    cached = _load_cache(cache, key)
+    if all_reduce_sum(torch.tensor([float(cached is None)], device=device)).item() == 0:
+        return cached
+    out: dict = {"key": key, "skipped": []}
+    for name, dataset in splits.items():
+        loader = make_eval_loader(dataset, batch_size, num_workers, pin_memory)
+        bad: list[str] = []
+        feats, labels = extract_features(
+            trunk, loader, device, amp=amp, desc=f"{name} features", skipped=bad, normalize=False
+        )
+        out[name], out[f"{name}_labels"] = gather_uneven(feats).cpu(), gather_uneven(labels).cpu()
+        out["skipped"] += skipped_over_ranks(bad, loader)
+    if cache is not None and is_main_process():
+        atomic_write(cache, lambda f: torch.save(out, f), what="feature cache")
+    return out

@@ -50,7 +50,6 @@ from moco_d2.core.images import (
 )
 from moco_d2.core.io import (
     CheckpointManager,
-    atomic_write,
     choose_resume,
     publish_copy,
     save_atomic,
@@ -70,11 +69,11 @@ from moco_d2.core.training import (
 from moco_d2.evaluation.features import (
     ResNetTrunk,
     eval_batches,
-    extract_features,
-    gather_uneven,
+    feature_cache_key,
     make_eval_loader,
     report_skipped,
     skipped_over_ranks,
+    split_features,
     topk_correct,
 )
 
@@ -103,6 +102,9 @@ def lincls_defaults() -> CfgNode:
     c.DATA.NUM_WORKERS = 8  # loader workers per process
     c.DATA.PIN_MEMORY = True
     c.DATA.MAX_BAD_FRACTION = 0.001  # stop when more than this fraction of images is unreadable
+    # With TRAIN.PRECOMPUTED_FEATURES: the file caching both splits' features ("" = OUTPUT_DIR/features.pt);
+    # give the kNN evaluation of the same checkpoint the same file and the images are read once for both.
+    c.DATA.FEATURES_CACHE = ""
 
     c.SOLVER = CfgNode()
     c.SOLVER.EPOCHS = 100
@@ -522,49 +524,25 @@ def train(cfg: CfgNode, dist_info: DistInfo) -> dict:
 # Linear probe on features computed once (TRAIN.PRECOMPUTED_FEATURES)
 
 
-def _cached_features(
-    cfg: CfgNode, model: nn.Module, datasets: tuple, dist_info: DistInfo
-) -> dict[str, torch.Tensor]:
-    """Pooled (not normalised) features and labels of both splits, through the validation transform.
-
-    Cached in OUTPUT_DIR/features.pt, keyed by everything that determines them, so a rerun (after a
-    crash, or with another schedule) trains the fc without touching an image.
+def _cached_features(cfg: CfgNode, model: nn.Module, datasets: tuple, dist_info: DistInfo) -> dict:
+    """Pooled (not normalised) features, labels and skipped files of both splits, through the validation
+    transform (``split_features``): cached in DATA.FEATURES_CACHE (default OUTPUT_DIR/features.pt), so a
+    rerun (after a crash, or with another schedule) trains the fc without touching an image, and a kNN
+    evaluation of the same checkpoint writing the same file spares the extraction altogether.
     """
     d = cfg.DATA
-    key = json.dumps(
-        [
-            cfg.MODEL.WEIGHTS,
-            d.ROOT,
-            d.TRAIN_SPLIT,
-            d.VAL_SPLIT,
-            d.CROP_SIZE,
-            d.RESIZE,
-            list(d.MEAN),
-            list(d.STD),
-        ]
+    cache = Path(d.FEATURES_CACHE or Path(cfg.OUTPUT_DIR) / "features.pt")
+    return split_features(
+        ResNetTrunk(model).eval(),
+        dict(zip(("train", "val"), datasets)),
+        max(1, cfg.SOLVER.BATCH_SIZE // dist_info.world_size),
+        d.NUM_WORKERS,
+        d.PIN_MEMORY,
+        dist_info.device,
+        cfg.TRAIN.AMP,
+        cache,
+        feature_cache_key(cfg.MODEL.WEIGHTS, d, cfg.TRAIN.AMP),
     )
-    path = Path(cfg.OUTPUT_DIR) / "features.pt"
-    if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            return cached
-    train_set, val_set = datasets
-    trunk, device = ResNetTrunk(model).eval(), dist_info.device
-    per_rank = max(1, cfg.SOLVER.BATCH_SIZE // dist_info.world_size)
-    out: dict = {"key": key}
-    skipped: list[str] = []
-    for name, dataset in (("train", train_set), ("val", val_set)):
-        loader = make_eval_loader(dataset, per_rank, d.NUM_WORKERS, d.PIN_MEMORY)
-        bad: list[str] = []
-        feats, labels = extract_features(
-            trunk, loader, device, amp=cfg.TRAIN.AMP, desc=f"{name} features", skipped=bad, normalize=False
-        )
-        out[name], out[f"{name}_labels"] = gather_uneven(feats).cpu(), gather_uneven(labels).cpu()
-        skipped += skipped_over_ranks(bad, loader)
-    out["num_skipped"] = torch.tensor(len(skipped))
-    if dist_info.is_main:
-        atomic_write(path, lambda f: torch.save(out, f), what="feature cache")
-    return out
 
 
 def _fc_metrics(fc: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -656,7 +634,7 @@ def train_precomputed(cfg: CfgNode, dist_info: DistInfo) -> dict:
     results = _results(
         cfg, last, best, "lincls", num_classes, len(val_feats),
         features="precomputed once (validation transform, no crop augmentation)" + standardised,
-        num_skipped=int(cache["num_skipped"]), sanity_check="passed",
+        num_skipped=len(cache["skipped"]), sanity_check="passed",
     )  # fmt: skip
     if dist_info.is_main:
         ckpt = _checkpoint(cfg, model, None, cfg.SOLVER.EPOCHS, best, "lincls")

@@ -58,6 +58,9 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path):
     assert "MoCo v1 uses T 0.07, MoCo v2 T 0.1, so their losses" in report
     lincls = json.loads((work / "lincls" / "moco_v2" / "results.json").read_text())
     assert lincls["features"].startswith("precomputed once") and lincls["sanity_check"] == "passed"
+    # each row's images went through its backbone once: the kNN stage extracted, the linear probe read
+    assert "train features" in (work / "logs" / "knn.moco_v2.log").read_text()
+    assert "train features" not in (work / "logs" / "lincls.moco_v2.log").read_text()
     for png in ("pretraining_curves.png", "detection_ap.png", "detections.png", "linear_probe_curves.png"):
         assert (work / png).stat().st_size > 0
     checks = [json.loads((work / "detection" / f"transfer_check_{r}.json").read_text()) for r in ("moco_v2",)]
@@ -186,3 +189,41 @@ def test_a_failing_child_stops_its_siblings(tmp_path):
         runner.run_all(stages)
     with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running for 600 s
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_a_stage_waits_for_the_stage_it_reads_from(tmp_path):
+    from demo.stages import Runner, Stage
+
+    def writer(name: str, delay: float) -> list[str]:
+        code = "import pathlib, sys, time; time.sleep(float(sys.argv[2])); pathlib.Path(sys.argv[1]).touch()"
+        return [sys.executable, "-c", code, str(tmp_path / f"{name}.out"), str(delay)]
+
+    # b reads a's output (fails if it is missing); with two slots, a and c start first and b waits for a
+    reader = [sys.executable, "-c", "import pathlib, sys; p = pathlib.Path(sys.argv[1]); assert p.with_name('a.out').exists(); p.touch()", str(tmp_path / "b.out")]  # fmt: skip
+    stages = [
+        Stage("a", "stage a", tmp_path / "a.out", argv=writer("a", 1.0), concurrent="g"),
+        Stage("b", "stage b", tmp_path / "b.out", argv=reader, concurrent="g", after="a"),
+        Stage("c", "stage c", tmp_path / "c.out", argv=writer("c", 0.0), concurrent="g"),
+    ]
+    runner = Runner(tmp_path, total=3, log=lambda *_: None, jobs=2)
+    runner.run_all(stages)
+    rec = runner.records
+    assert rec["b"]["start"] >= rec["a"]["end"] and rec["c"]["start"] < rec["a"]["end"]
+
+
+def test_knn_and_linear_configs_agree_on_what_their_shared_features_depend_on():
+    """Every preset's kNN and linear-probe configs give one checkpoint the same feature-cache key, so the
+    linear stage reads the kNN stage's features instead of extracting them again."""
+    from demo.plan import CONFIG_DIRS
+    from moco_d2.core.config import load_config
+    from moco_d2.evaluation.features import feature_cache_key
+    from moco_d2.evaluation.knn import knn_defaults
+    from moco_d2.evaluation.lincls import lincls_defaults
+
+    ckpt = Path(__file__)  # any file: the key hashes its bytes
+    for preset, configs in CONFIG_DIRS.items():
+        knn = load_config(knn_defaults(), str(configs / "knn.yaml"))
+        lin = load_config(lincls_defaults(), str(configs / "lincls.yaml"))
+        assert lin.TRAIN.PRECOMPUTED_FEATURES, preset
+        keys = [feature_cache_key(str(ckpt), c.DATA, c.TRAIN.AMP) for c in (knn, lin)]
+        assert keys[0] == keys[1], preset

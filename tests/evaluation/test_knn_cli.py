@@ -14,6 +14,7 @@ from test_lincls import CLASSES, make_image_folder, moco_checkpoint
 from moco_d2.core.images import SafeImageFolder, build_eval_transform
 from moco_d2.evaluation.features import ResNetTrunk, topk_correct
 from moco_d2.evaluation.knn import knn_class_scores, main
+from moco_d2.evaluation.lincls import main as lincls_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,6 +56,50 @@ def test_knn_cli_matches_reference_pipeline(tmp_path: Path, official: bool):
     assert ("official" in res["source"]) == official
     top1, top5 = _reference(backbone, data, k=5, t=0.07)
     assert res["top1"] == pytest.approx(top1) and res["top5"] == pytest.approx(top5)
+
+
+def test_knn_and_linear_probe_share_one_feature_cache(tmp_path: Path, monkeypatch):
+    """DATA.FEATURES_CACHE: the kNN result is the uncached one; the linear probe then reads the kNN's
+    features instead of the images and trains the fc it trains on its own extraction (same batch size:
+    the same features bit for bit); a checkpoint rewritten in place or a torn file is extracted again."""
+    import moco_d2.evaluation.features as features
+
+    data = make_image_folder(tmp_path / "data")
+    ckpt, cache = tmp_path / "ckpt.pth", tmp_path / "shared" / "features.pt"
+    moco_checkpoint(ckpt)
+    plain = main(_argv(ckpt, data, tmp_path / "plain"))
+    cached = main(_argv(ckpt, data, tmp_path / "cached", "DATA.FEATURES_CACHE", str(cache)))
+    assert cached == plain and cache.is_file()
+
+    def probe(out: str, *extra: str) -> dict:
+        return lincls_main([
+            "--config-file", "configs/lincls/lincls_in1k.yaml", "MODEL.WEIGHTS", str(ckpt), "MODEL.ARCH",
+            "resnet18", "DATA.ROOT", str(data), "OUTPUT_DIR", str(tmp_path / out), "DATA.CROP_SIZE", "16",
+            "DATA.RESIZE", "18", "DATA.NUM_WORKERS", "0", "TRAIN.DEVICE", "cpu", "TRAIN.PRECOMPUTED_FEATURES",
+            "True", "SOLVER.BATCH_SIZE", "4", "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "[2]", "LOG.TENSORBOARD",
+            "False", *extra,
+        ])  # fmt: skip
+
+    own = probe("probe_own")
+    real_extract = features.extract_features
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr(features, "extract_features", no_extraction)
+    shared = probe("probe_shared", "DATA.FEATURES_CACHE", str(cache))
+    assert json.dumps(shared, sort_keys=True) == json.dumps(own, sort_keys=True)
+    assert main(_argv(ckpt, data, tmp_path / "again", "DATA.FEATURES_CACHE", str(cache))) == plain
+
+    moco_checkpoint(ckpt, seed=1)  # same path, other weights: another key
+    with pytest.raises(AssertionError, match="extracted again"):
+        main(_argv(ckpt, data, tmp_path / "other", "DATA.FEATURES_CACHE", str(cache)))
+    monkeypatch.setattr(features, "extract_features", real_extract)
+    moco_checkpoint(ckpt)
+    cache.write_bytes(cache.read_bytes()[:100])  # torn (e.g. copied while written): a miss, rewritten
+    assert main(_argv(ckpt, data, tmp_path / "torn", "DATA.FEATURES_CACHE", str(cache))) == plain
+    assert "unreadable" in (tmp_path / "torn" / "log.txt").read_text()
+    assert torch.load(cache, weights_only=True)["train"].shape == (18, 512)
 
 
 def test_knn_cli_errors_are_one_line(tmp_path: Path, capsys):

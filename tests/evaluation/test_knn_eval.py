@@ -15,8 +15,14 @@ import torchvision
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from moco_d2.evaluation.features import ResNetTrunk, ShardSampler, make_eval_loader, topk_correct
-from moco_d2.evaluation.knn import knn_class_scores, knn_evaluate
+from moco_d2.evaluation.features import (
+    ResNetTrunk,
+    ShardSampler,
+    make_eval_loader,
+    split_features,
+    topk_correct,
+)
+from moco_d2.evaluation.knn import knn_class_scores, knn_evaluate, knn_on_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,6 +97,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     res = knn_evaluate(model, make_eval_loader(train, 8, 0), make_eval_loader(val, 3, 0), 4, k=10, t=0.1)
     rows = gather_uneven(torch.arange(rank * 10, rank * 10 + rank + 1))  # rank r has r + 1 rows
     res["gathered"] = rows.tolist()
+    # Extracted once over both ranks into a cache, then read from it: each rank scores its share of the queries.
+    splits, cache = {"train": train, "val": val}, Path(out, "features.pt")
+    for run in ("extracted", "cached"):
+        feats = split_features(model.eval(), splits, 3, 0, False, torch.device("cpu"), cache=cache, key="k")
+        res[run] = knn_on_features(feats, 4, k=10, t=0.1)
+        res[run]["shapes"] = [list(feats["train"].shape), list(feats["val"].shape)]
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     cleanup()
 
@@ -105,3 +117,7 @@ def test_two_processes_equal_one_process(tmp_path: Path):
         assert res["top5"] == pytest.approx(top5)
         assert (res["num_train"], res["num_val"]) == (37, 11)
         assert res["gathered"] == [0, 10, 11]
+        for run in ("extracted", "cached"):
+            assert res[run]["top1"] == pytest.approx(top1) and res[run]["top5"] == pytest.approx(top5)
+            assert (res[run]["num_train"], res[run]["num_val"]) == (37, 11)
+            assert res[run]["shapes"] == [[37, 5], [11, 5]]

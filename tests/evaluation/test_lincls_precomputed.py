@@ -74,12 +74,12 @@ def test_standardised_probe_folds_into_a_plain_classifier_and_reuses_its_feature
     # A rerun in the same OUTPUT_DIR reads the cached features (no extraction) and trains the same fc.
     cache = torch.load(out / "features.pt", weights_only=True)
     assert cache["train"].shape == (24, 512) and cache["val"].shape == (12, 512)
-    import moco_d2.evaluation.lincls as lincls
+    import moco_d2.evaluation.features as features
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again")
 
-    monkeypatch.setattr(lincls, "extract_features", no_extraction)
+    monkeypatch.setattr(features, "extract_features", no_extraction)
     again = _probe(data, out, ckpt, **small_lr)
     assert json.dumps(again, sort_keys=True) == json.dumps(res, sort_keys=True)
     # ... but another checkpoint is another cache key: extracted again
