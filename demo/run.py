@@ -1,6 +1,6 @@
 """``make demo``: the paper's whole protocol in miniature, on CPU, through the real entry points.
 
-    python -m demo.run            # full demo (~37-40 min on 2 cores) -> results/demo/report.md
+    python -m demo.run            # full demo (~35-39 min on 2 cores) -> results/demo/report.md
     python -m demo.run --quick    # same stages at tiny scale (minutes)
 
 Stages (each a child process running the same command a full-scale user runs; only the configs

@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Iterator, Sized
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ from moco_d2.core.images import (
 )
 from moco_d2.core.io import atomic_write
 from moco_d2.core.metrics import progress
+
+if TYPE_CHECKING:
+    from fvcore.common.config import CfgNode
 
 logger = logging.getLogger("moco")
 
@@ -231,7 +235,7 @@ def _output_dim(model: nn.Module, loader: DataLoader, device: torch.device) -> i
 # Both splits' frozen features, extracted once and cached in a file (DATA.FEATURES_CACHE)
 
 
-def feature_cache_key(weights: str, data, amp: bool) -> str:
+def feature_cache_key(weights: str, data: CfgNode, amp: bool) -> str:
     """Everything the frozen features of ``data``'s two splits depend on: the checkpoint's bytes (not its
     name: a checkpoint rewritten in place is another key), the image folders, the eval transform, AMP.
 
