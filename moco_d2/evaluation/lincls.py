@@ -229,8 +229,10 @@ def _check_cfg(cfg: CfgNode, world_size: int) -> None:
         raise UserError(
             f"DATA.RESIZE ({cfg.DATA.RESIZE}) must be >= DATA.CROP_SIZE ({cfg.DATA.CROP_SIZE}) >= 1"
         )
-    if cfg.TRAIN.STANDARDIZE_FEATURES and not cfg.TRAIN.PRECOMPUTED_FEATURES:
-        raise UserError("TRAIN.STANDARDIZE_FEATURES needs TRAIN.PRECOMPUTED_FEATURES True")
+    for key in ("TRAIN.STANDARDIZE_FEATURES", "DATA.FEATURES_CACHE"):
+        section, name = key.split(".")
+        if cfg[section][name] and not cfg.TRAIN.PRECOMPUTED_FEATURES:
+            raise UserError(f"{key} needs TRAIN.PRECOMPUTED_FEATURES True")
     if cfg.TRAIN.PRECOMPUTED_FEATURES and not cfg.MODEL.FREEZE_BACKBONE:
         raise UserError(
             "TRAIN.PRECOMPUTED_FEATURES needs MODEL.FREEZE_BACKBONE True (a trained backbone changes its features)"

@@ -105,4 +105,12 @@ def test_probe_on_raw_features_and_config_errors(tmp_path: Path, capsys):
             **{"TRAIN.PRECOMPUTED_FEATURES": False, "TRAIN.STANDARDIZE_FEATURES": True},
         )
     assert "TRAIN.STANDARDIZE_FEATURES needs TRAIN.PRECOMPUTED_FEATURES True" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a cache the crop-augmented recipe would silently ignore
+        _probe(
+            data,
+            tmp_path / "bad3",
+            ckpt,
+            **{"TRAIN.PRECOMPUTED_FEATURES": False, "DATA.FEATURES_CACHE": str(tmp_path / "f.pt")},
+        )
+    assert "DATA.FEATURES_CACHE needs TRAIN.PRECOMPUTED_FEATURES True" in capsys.readouterr().err
     assert UserError  # the errors above are UserErrors turned into one line by exit_on_user_error
