@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from demo.compare import BEGIN, END, numbers
 from demo.plan import MACHINE_FILE, NUMBERS_FILE, PRETRAIN_THREADS, ROW_TITLES, ROWS, Plan
 from demo.stages import fmt_seconds, side_by_side_threads, wall_seconds
 from demo.stats import sample_sd, welch_margin
@@ -409,8 +410,6 @@ def _rank_section(ranks: dict | None, table: dict) -> list[str]:
 def _kept_comparisons(old_report: Path, new_md: list[str]) -> list[str]:
     """The "Reruns and machines" block of the previous report (``demo.compare --write-into``), kept when
     the results table it was measured against is unchanged; dropped otherwise, as it would be stale."""
-    from demo.compare import BEGIN, END
-
     if not old_report.is_file():
         return []
     old = old_report.read_text()
@@ -449,8 +448,6 @@ def write_report(plan: Plan, stages: list[Stage], records: dict[str, dict], elap
     machine = f"{_machine_line()}, torch {torch.__version__}"
     atomic_write(plan.work / MACHINE_FILE, lambda f: f.write(f"{machine}\n".encode()), what="machine line")
     # ... and every number of the table with it, so a run elsewhere can be compared with this report.
-    from demo.compare import numbers
-
     write_json_atomic({"machine": machine, "numbers": numbers(plan)}, out_dir / NUMBERS_FILE)
 
     md = [f"# MoCo v2 demo report ({plan.preset})", ""]

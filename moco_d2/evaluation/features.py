@@ -48,6 +48,7 @@ logger = logging.getLogger("moco")
 __all__ = [
     "ResNetTrunk",
     "ShardSampler",
+    "cached_split_features",
     "eval_batches",
     "extract_features",
     "feature_cache_key",
@@ -293,3 +294,29 @@ def split_features(
     if cache is not None and is_main_process():
         atomic_write(cache, lambda f: torch.save(out, f), what="feature cache")
     return out
+
+
+def cached_split_features(
+    model: nn.Module,
+    datasets: tuple[Dataset, Dataset],
+    data: CfgNode,
+    weights: str,
+    amp: bool,
+    batch_size: int,
+    device: torch.device,
+    cache: Path,
+) -> dict:
+    """``split_features`` of a config's (train, val) splits through ``model``'s trunk, cached in ``cache``
+    under ``feature_cache_key``: the one call the kNN evaluation and the linear probe share, so both
+    write and read the same file for the same checkpoint, images and transform."""
+    return split_features(
+        ResNetTrunk(model).eval(),
+        dict(zip(("train", "val"), datasets)),
+        batch_size,
+        data.NUM_WORKERS,
+        data.PIN_MEMORY,
+        device,
+        amp,
+        cache,
+        feature_cache_key(weights, data, amp),
+    )

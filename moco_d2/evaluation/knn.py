@@ -34,14 +34,12 @@ from moco_d2.core.images import IMAGENET_MEAN, IMAGENET_STD, build_eval_transfor
 from moco_d2.core.io import write_json_atomic
 from moco_d2.core.metrics import setup_logging
 from moco_d2.evaluation.features import (
-    ResNetTrunk,
+    cached_split_features,
     extract_features,
-    feature_cache_key,
     gather_uneven,
     make_eval_loader,
     report_skipped,
     skipped_over_ranks,
-    split_features,
     topk_correct,
 )
 
@@ -100,6 +98,11 @@ def knn_class_scores(
     return out
 
 
+def _bank_dtype(device: torch.device) -> torch.dtype:
+    """fp16 storage halves the bank on GPU (1.28M x 2048 -> 5 GB); similarities are computed in fp32 tiles."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 @torch.no_grad()
 def knn_evaluate(
     backbone: nn.Module,
@@ -125,8 +128,7 @@ def knn_evaluate(
     if device is None:
         device = next(backbone.parameters()).device
     device = torch.device(device)
-    # fp16 storage halves the bank on GPU (1.28M x 2048 -> 5 GB); similarities are computed in fp32 tiles.
-    bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    bank_dtype = _bank_dtype(device)
     was_training = backbone.training
     backbone.eval()
     bad_train: list[str] = []
@@ -159,7 +161,7 @@ def knn_on_features(
     """:func:`knn_evaluate` on features already extracted (``features.split_features``: pooled, not
     normalised, every rank holding all of them); each rank classifies its own share of the queries."""
     device = torch.device(device)
-    bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    bank_dtype = _bank_dtype(device)
     rank, world = get_rank(), get_world_size()
 
     def normalised(name: str, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,16 +276,15 @@ def run(cfg: CfgNode, device: torch.device) -> dict:
     )
     knn = cfg.KNN
     if cfg.DATA.FEATURES_CACHE:
-        features = split_features(
-            ResNetTrunk(model).eval(),
-            {"train": train, "val": val},
-            cfg.DATA.BATCH_SIZE,
-            cfg.DATA.NUM_WORKERS,
-            cfg.DATA.PIN_MEMORY,
-            device,
+        features = cached_split_features(
+            model,
+            (train, val),
+            cfg.DATA,
+            cfg.MODEL.WEIGHTS,
             cfg.TRAIN.AMP,
+            cfg.DATA.BATCH_SIZE,
+            device,
             Path(cfg.DATA.FEATURES_CACHE),
-            feature_cache_key(cfg.MODEL.WEIGHTS, cfg.DATA, cfg.TRAIN.AMP),
         )
         res = knn_on_features(
             features, len(train.classes), knn.K, knn.T, device, knn.QUERY_CHUNK, knn.BANK_CHUNK

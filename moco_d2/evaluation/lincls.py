@@ -67,13 +67,11 @@ from moco_d2.core.training import (
 
 # An import list like knn.py's (the duplicates tool pairs them): names, no logic.
 from moco_d2.evaluation.features import (
-    ResNetTrunk,
+    cached_split_features,
     eval_batches,
-    feature_cache_key,
     make_eval_loader,
     report_skipped,
     skipped_over_ranks,
-    split_features,
     topk_correct,
 )
 
@@ -533,17 +531,15 @@ def _cached_features(cfg: CfgNode, model: nn.Module, datasets: tuple, dist_info:
     evaluation of the same checkpoint writing the same file spares the extraction altogether.
     """
     d = cfg.DATA
-    cache = Path(d.FEATURES_CACHE or Path(cfg.OUTPUT_DIR) / "features.pt")
-    return split_features(
-        ResNetTrunk(model).eval(),
-        dict(zip(("train", "val"), datasets)),
-        max(1, cfg.SOLVER.BATCH_SIZE // dist_info.world_size),
-        d.NUM_WORKERS,
-        d.PIN_MEMORY,
-        dist_info.device,
+    return cached_split_features(
+        model,
+        datasets,
+        d,
+        cfg.MODEL.WEIGHTS,
         cfg.TRAIN.AMP,
-        cache,
-        feature_cache_key(cfg.MODEL.WEIGHTS, d, cfg.TRAIN.AMP),
+        max(1, cfg.SOLVER.BATCH_SIZE // dist_info.world_size),
+        dist_info.device,
+        Path(d.FEATURES_CACHE or Path(cfg.OUTPUT_DIR) / "features.pt"),
     )
 
 
